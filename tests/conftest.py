@@ -1,0 +1,26 @@
+"""Shared fixtures: the tiny model families, built once per test session, offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_family import build_foreign_model, build_tiny_family
+
+# vLLM's CPU build: a small KV cache and the in-process engine (fast start, little memory).
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_tiny_family(tmp_path_factory.mktemp("tiny-family"))
+
+
+@pytest.fixture(scope="session")
+def foreign_arm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_foreign_model(tmp_path_factory.mktemp("foreign"))
