@@ -107,6 +107,8 @@ def family_configs(vocab: int) -> dict[str, PreTrainedConfig]:
         "llama-base": _llama(vocab, hidden=128, layers=2, heads=4, kv_heads=2, head_dim=32),
         "llama-arm-narrow": _llama(vocab, hidden=64, layers=3, heads=2, kv_heads=1, head_dim=32),
         "llama-arm-padded": _llama(padded, hidden=128, layers=1, heads=2, kv_heads=1, head_dim=64),
+        # Same geometry as the base (other weights): sub-models must not share compiled code.
+        "llama-arm-same": _llama(vocab, hidden=128, layers=2, heads=4, kv_heads=2, head_dim=32),
         # Qwen2 pair (q/k/v biases), head_dim 64 and 32.
         "qwen2-base": _qwen2(padded, hidden=128, layers=2, heads=2, kv_heads=1),
         "qwen2-arm": _qwen2(vocab, hidden=64, layers=2, heads=2, kv_heads=2),

