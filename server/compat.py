@@ -29,14 +29,16 @@ class ModelFolder:
     embedding_rows: int  # config.vocab_size: the width of the model's logits
 
 
-def check_model_folder(role: str, path: str | Path) -> ModelFolder:
-    """config.json, weights and a tokenizer must be there; returns the logits width."""
+def check_model_folder(role: str, path: str | Path, require_weights: bool = True) -> ModelFolder:
+    """config.json, weights and a tokenizer must be there; returns the logits width.
+
+    require_weights=False is for vLLM's `load_format="dummy"` (benchmarks on random weights)."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise SetupError(f"{role}: model folder {folder} does not exist")
     if not (folder / "config.json").is_file():
         raise SetupError(f"{role}: {folder} has no config.json (is it a Hugging Face model folder?)")
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+    if require_weights and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise SetupError(f"{role}: {folder} has no weights (*.safetensors or *.bin)")
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         raise SetupError(f"{role}: {folder} has no tokenizer (tokenizer.json or tokenizer.model)")
@@ -125,12 +127,17 @@ class FusionSetup:
     tokenizer_sha256: str
 
 
-def check_fusion_setup(base_path: str | Path, arm_paths: dict[str, str | Path]) -> FusionSetup:
+def check_fusion_setup(
+    base_path: str | Path, arm_paths: dict[str, str | Path], require_weights: bool = True
+) -> FusionSetup:
     """All start-up checks for a base + ARMs; raises SetupError with one line on the first problem."""
     if not arm_paths:
         raise SetupError("at least one ARM is needed (--arm NAME=PATH)")
-    base = check_model_folder("base", base_path)
-    arms = {name: check_model_folder(f"ARM {name!r}", path) for name, path in arm_paths.items()}
+    base = check_model_folder("base", base_path, require_weights)
+    arms = {
+        name: check_model_folder(f"ARM {name!r}", path, require_weights)
+        for name, path in arm_paths.items()
+    }
     base_tokenizer = load_tokenizer(base.path)
     vocab_size = fused_vocab_size(base_tokenizer, [base, *arms.values()])
     check_shared_tokenizer(

@@ -92,7 +92,9 @@ def guided_engine_args(
         value = args.get(key)
         if value not in (None, False, 1, {}):
             raise SetupError(f"{key}: {what} is not supported with GenARM guidance")
-    setup = check_fusion_setup(model.base, model.arms)
+    setup = check_fusion_setup(
+        model.base, model.arms, require_weights=args.get("load_format") != "dummy"
+    )
     # Every sub-model must cover every position: the smallest context wins.
     limits = [m for m in (max_positions(str(f.path)) for f in [setup.base, *setup.arms.values()]) if m]
     if limits:
@@ -114,12 +116,12 @@ def guided_engine_args(
     )
     overrides = dict(args.pop("hf_overrides", None) or {})
     overrides.update(vllm_glue.engine_overrides(spec))
-    for key, value in vllm_glue.attention_backend_args().items():
-        args.setdefault(key, value)
+    if not vllm_glue.user_chose_attention_backend(args):
+        args.update(vllm_glue.attention_backend_args())
     args.update(
         model=str(setup.base.path),
         hf_overrides=overrides,
-        logits_processors=[*args.get("logits_processors", []), vllm_glue.GenARMWeights],
+        logits_processors=[*(args.get("logits_processors") or []), vllm_glue.WEIGHTS_PROCESSOR],
     )
     if model.served_model_name:
         args.setdefault("served_model_name", model.served_model_name)

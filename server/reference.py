@@ -94,6 +94,19 @@ class ReferenceGuidedGenerator:
         return fused_logprobs(base, arms, self.weight_tensor(weights), self.vocab_size)
 
     @torch.inference_mode()
+    def teacher_forced(
+        self, prompt_ids: Sequence[int], generated_ids: Sequence[int], weights: Mapping[str, float]
+    ) -> torch.Tensor:
+        """Fused log-probs [len(generated), vocab] at each generated position, in one forward per
+        model over prompt + generated: checks another decoder's tokens step by step."""
+        ids = torch.tensor([list(prompt_ids) + list(generated_ids)], device=self.device)
+        first = len(prompt_ids) - 1
+        last = first + len(generated_ids)
+        logits = [m(input_ids=ids).logits[0, first:last].float() for m in self.models]
+        rows = self.weight_tensor([weights] * len(generated_ids)).to(self.device)
+        return fused_logprobs(logits[0], logits[1:], rows, self.vocab_size)
+
+    @torch.inference_mode()
     def generate(
         self,
         prompts: Sequence[str | Sequence[int]],

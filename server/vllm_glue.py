@@ -40,6 +40,7 @@ ARCHITECTURE = "GenARMForCausalLM"
 HF_CONFIG_KEY = "genarm"  # where the guidance spec rides in the base's (overridden) hf_config
 SPEC_ENV = "GENARM_SPEC"  # the same spec for front-end processes (request validation)
 WEIGHT_ARG_PREFIX = "genarm_weight_"  # SamplingParams.extra_args / vllm_xargs key per dimension
+WEIGHTS_PROCESSOR = f"{__name__}:GenARMWeights"  # as vLLM's --logits-processors names it
 
 
 @dataclass
@@ -133,8 +134,16 @@ def attention_backend_args() -> dict[str, Any]:
     from vllm.platforms import current_platform
 
     if current_platform.is_cuda():
-        return {"attention_config": {"backend": "CUSTOM"}}
+        return {"attention_backend": "CUSTOM"}
     return {}
+
+
+def user_chose_attention_backend(args: Any) -> bool:
+    """Whether engine args (a dict or vLLM's parsed CLI namespace) already pick a backend."""
+    get = args.get if isinstance(args, dict) else lambda key: getattr(args, key, None)
+    config = get("attention_config")
+    chosen = config.get("backend") if isinstance(config, dict) else getattr(config, "backend", None)
+    return get("attention_backend") is not None or chosen is not None
 
 
 _FA_BACKEND = "GroupGeometryFlashAttentionBackend"
@@ -415,3 +424,84 @@ def compile_cache_keys(model: nn.Module) -> dict[str, str]:
         for name, module in model.named_modules()
         if hasattr(module, "vllm_config") and hasattr(module, "do_not_compile")
     }
+
+
+# --------------------------------------------------------------------------------------------
+# vLLM's OpenAI server: our endpoint plugin, and running the server from genarm-serve.
+# --------------------------------------------------------------------------------------------
+
+PLUGIN_NAMES = ("genarm", "genarm_http")  # our vllm.general_plugins and vllm.endpoint_plugins
+
+
+class GenARMEndpointPlugin:
+    """`vllm.endpoint_plugins` entry point (vLLM loads it when VLLM_PLUGINS names it, which
+    genarm-serve arranges). Endpoint plugins attach before vLLM adds its own middleware, so the
+    middleware added here runs inside vLLM's API-key check and CORS handling."""
+
+    name = "genarm_http"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: Any) -> None:
+        from server.http_api import AlignmentMiddleware, Dimensions, patch_openapi
+        from server.playground import router as playground_router
+
+        app.include_router(playground_router)
+        app.add_middleware(AlignmentMiddleware)
+        spec = os.environ.get(SPEC_ENV)
+        dims = Dimensions.from_spec_json(spec) if spec else None
+        build_openapi = app.openapi
+
+        def openapi() -> dict[str, Any]:
+            if not getattr(app, "_genarm_openapi_patched", False):
+                app.openapi_schema = patch_openapi(build_openapi(), dims)
+                app._genarm_openapi_patched = True
+            return app.openapi_schema
+
+        app.openapi = openapi
+
+    async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
+        return None
+
+
+def _vllm_server_parser() -> Any:
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    try:  # vLLM >= 0.30
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    except ImportError:  # vLLM 0.26
+        from vllm.entrypoints.openai.cli_args import make_arg_parser
+    return make_arg_parser(FlexibleArgumentParser(prog="genarm-serve"))
+
+
+# Engine arguments that guided_engine_args reads or sets, picked off vLLM's parsed CLI.
+_GUIDED_ENGINE_KEYS = (
+    "hf_overrides", "logits_processors", "max_model_len", "load_format", "speculative_config",
+    "pipeline_parallel_size", "enable_prompt_embeds", "served_model_name", "attention_backend",
+    "attention_config",
+)
+
+
+def run_openai_server(serve_config: Any) -> None:
+    """Start vLLM's OpenAI server (same code path as `vllm serve`) on the guided model.
+
+    Blocks until the server stops. `serve_config` is a server.config.ServeConfig.
+    """
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+
+    from server.engine import guided_engine_args
+    from server.http_api import HTTP_ENV
+
+    args = _vllm_server_parser().parse_args(serve_config.vllm_argv())
+    given = {key: getattr(args, key) for key in _GUIDED_ENGINE_KEYS if getattr(args, key, None) is not None}
+    engine_args, _ = guided_engine_args(serve_config.model, given)
+    for key, value in engine_args.items():
+        setattr(args, key, value)
+    # vLLM loads endpoint plugins only when VLLM_PLUGINS names them; keep any the user named.
+    named = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
+    os.environ["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*named, *PLUGIN_NAMES]))
+    max_running = args.max_num_seqs or 256
+    os.environ[HTTP_ENV] = json.dumps({"max_inflight": max_running + serve_config.max_waiting_requests})
+    if serve_config.api_key:
+        os.environ["VLLM_API_KEY"] = serve_config.api_key  # vLLM's own auth; kept off the argv
+    ServeSubcommand().validate(args)
+    ServeSubcommand.cmd(args)

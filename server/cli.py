@@ -1,0 +1,31 @@
+"""`genarm-serve`: check the configuration, then run vLLM's OpenAI server on the guided model."""
+
+from __future__ import annotations
+
+import sys
+
+from server.compat import SetupError
+from server.config import parse_args
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        config = parse_args(sys.argv[1:] if argv is None else argv)
+        if config.model is None:
+            from server.defaults import default_model
+
+            config.model = default_model()
+        from server.adapters import resolve_arms
+
+        config.model.arms = resolve_arms(config.model.base, config.model.arms)
+        from server import vllm_glue
+
+        vllm_glue.run_openai_server(config)
+    except SetupError as err:
+        for line in str(err).splitlines():
+            print(f"genarm-serve: error: {line}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""What the HTTP API adds to vLLM's OpenAI server: the `alignment` field, its echo, the reward
+dimensions on /v1/models, backpressure, and metrics. Plain ASGI: nothing here knows vLLM.
+
+A request may carry `"alignment": {"weights": {"harmless": 1.0}}` on /v1/completions and
+/v1/chat/completions. It is validated here (HTTP 400 naming the field) and handed to vLLM as
+`vllm_xargs` (`genarm_weight_<dimension>` for every dimension), which reach the engine's weight
+table as SamplingParams.extra_args. The weights used come back as `alignment` beside `usage`
+(and in the first chunk of a stream).
+
+Why a middleware and not a route: vLLM owns the completion routes (streaming, n, logprobs,
+aborts on disconnect...); we only rewrite their JSON on the way in and out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+HTTP_ENV = "GENARM_HTTP"  # JSON: {"max_inflight": int}
+WEIGHT_ARG_PREFIX = "genarm_weight_"  # keep in step with server.vllm_glue.WEIGHT_ARG_PREFIX
+
+REQUESTS = Counter("genarm_requests", "Generation requests admitted, by mode", ["mode"])
+DIMENSION_REQUESTS = Counter(
+    "genarm_dimension_requests", "Requests with a non-zero weight on a reward dimension", ["dimension"]
+)
+WEIGHTS = Histogram(
+    "genarm_request_weight", "Weight each request gave each reward dimension", ["dimension"],
+    buckets=(-1.0, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
+)
+REJECTED = Counter("genarm_rejected_requests", "Requests refused, by reason", ["reason"])
+INFLIGHT = Gauge("genarm_inflight_requests", "Generation requests being served or queued")
+
+
+@dataclass(frozen=True)
+class Dimensions:
+    names: list[str]
+    defaults: list[float]
+    min_weight: float
+    max_weight: float
+
+    @classmethod
+    def from_spec_json(cls, raw: str) -> Dimensions:
+        spec = json.loads(raw)
+        return cls(spec["dimensions"], spec["default_weights"], spec["min_weight"], spec["max_weight"])
+
+
+class RequestError(Exception):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def error_body(status: int, message: str, param: str | None = None) -> bytes:
+    """The error body vLLM's server uses (OpenAI style)."""
+    kind = {400: "BadRequestError", 429: "TooManyRequestsError"}.get(status, "Error")
+    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}).encode()
+
+
+def resolve_weights(body: dict[str, Any], dims: Dimensions) -> dict[str, float]:
+    """The weights this request asks for, validated; rewrites `body` for vLLM in place.
+
+    No `alignment`: the server's defaults. `{"weights": {...}}`: those, 0 for dimensions left out
+    (`{"weights": {}}` is the base model alone).
+    """
+    xargs = body.get("vllm_xargs")
+    if xargs is not None and not isinstance(xargs, dict):
+        raise RequestError("vllm_xargs must be an object", "vllm_xargs")
+    xargs = dict(xargs or {})
+    if "alignment" in body:
+        alignment = body.pop("alignment")
+        if alignment is None:
+            alignment = {}
+        if not isinstance(alignment, dict):
+            raise RequestError("alignment must be an object like {\"weights\": {\"harmless\": 1.0}}", "alignment")
+        unknown_keys = sorted(set(alignment) - {"weights"})
+        if unknown_keys:
+            raise RequestError(f"unknown alignment field(s) {unknown_keys}; expected 'weights'", "alignment")
+        weights = alignment.get("weights")
+        if weights is None:
+            given = dict(zip(dims.names, dims.defaults, strict=True))
+        elif not isinstance(weights, dict):
+            raise RequestError("alignment.weights must be an object of dimension -> number", "alignment.weights")
+        else:
+            given = {name: weights.get(name, 0.0) for name in dims.names}
+            for name in weights:
+                if name not in dims.names:
+                    raise RequestError(
+                        f"unknown reward dimension {name!r}; this model has {dims.names}",
+                        f"alignment.weights.{name}",
+                    )
+    else:
+        named = {k[len(WEIGHT_ARG_PREFIX):]: v for k, v in xargs.items() if k.startswith(WEIGHT_ARG_PREFIX)}
+        if named:  # a raw vLLM client setting the weights through vllm_xargs
+            unknown = sorted(set(named) - set(dims.names))
+            if unknown:
+                raise RequestError(f"unknown reward dimension(s) {unknown}; this model has {dims.names}", "vllm_xargs")
+            given = {name: named.get(name, 0.0) for name in dims.names}
+        else:
+            given = dict(zip(dims.names, dims.defaults, strict=True))
+    resolved: dict[str, float] = {}
+    for name, value in given.items():
+        param = f"alignment.weights.{name}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RequestError(f"weight {name!r} must be a number, got {json.dumps(value)}", param)
+        if not math.isfinite(value):
+            raise RequestError(f"weight {name!r} must be finite", param)
+        if not dims.min_weight <= value <= dims.max_weight:
+            raise RequestError(
+                f"weight {name!r}={value} is outside the allowed range [{dims.min_weight}, {dims.max_weight}]", param
+            )
+        resolved[name] = float(value)
+    xargs.update({f"{WEIGHT_ARG_PREFIX}{name}": value for name, value in resolved.items()})
+    body["vllm_xargs"] = xargs
+    return resolved
+
+
+def models_extension(dims: Dimensions) -> dict[str, Any]:
+    return {
+        "dimensions": dims.names,
+        "default_weights": dict(zip(dims.names, dims.defaults, strict=True)),
+        "min_weight": dims.min_weight,
+        "max_weight": dims.max_weight,
+    }
+
+
+async def read_body(receive: Receive) -> tuple[bytes, bool]:
+    """The whole request body, and whether the client went away meanwhile."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b"".join(chunks), True
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks), False
+
+
+async def send_json(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    await send({
+        "type": "http.response.start", "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A receive() that yields `body` once, then defers to the client (disconnect notices)."""
+    sent = False
+
+    async def inner() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return inner
+
+
+def _headers_without_length(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(k, v) for k, v in headers if k.lower() != b"content-length"]
+
+
+class JsonResponseEditor:
+    """Wraps send() to edit a JSON response body, or the first event of an SSE stream."""
+
+    def __init__(self, send: Send, edit: Callable[[dict[str, Any]], None]) -> None:
+        self.send = send
+        self.edit = edit
+        self.start: Message | None = None
+        self.mode = "pass"
+        self.buffer = b""
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = dict((k.lower(), v) for k, v in message.get("headers", []))
+            kind = headers.get(b"content-type", b"")
+            if message["status"] == 200 and kind.startswith(b"application/json"):
+                self.mode, self.start = "json", message
+                return
+            if message["status"] == 200 and kind.startswith(b"text/event-stream"):
+                self.mode, self.start = "sse", message
+                await self.send({**message, "headers": _headers_without_length(message.get("headers", []))})
+                return
+            await self.send(message)
+            return
+        if message["type"] != "http.response.body" or self.mode == "pass":
+            await self.send(message)
+            return
+        self.buffer += message.get("body", b"")
+        more = message.get("more_body", False)
+        if self.mode == "json":
+            if more:
+                return
+            body = self._edited_json(self.buffer)
+            headers = _headers_without_length(self.start.get("headers", []))
+            await self.send({**self.start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await self.send({"type": "http.response.body", "body": body})
+            return
+        # SSE: edit the first complete event, then stream the rest untouched.
+        end = self.buffer.find(b"\n\n")
+        if end < 0 and more:
+            return
+        if end >= 0:
+            event, rest = self.buffer[:end], self.buffer[end:]
+            if event.startswith(b"data: ") and event[6:].strip() != b"[DONE]":
+                event = b"data: " + self._edited_json(event[6:])
+            self.buffer = event + rest
+        self.mode = "pass"
+        await self.send({"type": "http.response.body", "body": self.buffer, "more_body": more})
+        self.buffer = b""
+
+    def _edited_json(self, raw: bytes) -> bytes:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return raw
+        if isinstance(data, dict):
+            self.edit(data)
+        return json.dumps(data).encode()
+
+
+class AlignmentMiddleware:
+    """ASGI middleware for vLLM's app; its settings come from the environment that
+    `genarm-serve` prepares (GENARM_SPEC for the dimensions, GENARM_HTTP for the limits)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+        spec = os.environ.get("GENARM_SPEC")
+        self.dims = Dimensions.from_spec_json(spec) if spec else None
+        settings = json.loads(os.environ.get(HTTP_ENV) or "{}")
+        self.max_inflight = int(settings.get("max_inflight", 0)) or None
+        self.inflight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.dims is None:
+            await self.app(scope, receive, send)
+            return
+        path, method = scope["path"], scope["method"]
+        if method == "POST" and path in GENERATION_PATHS:
+            await self._generate(scope, receive, send)
+        elif method == "GET" and path == "/v1/models":
+            await self.app(scope, receive, JsonResponseEditor(send, self._add_dimensions))
+        else:
+            await self.app(scope, receive, send)
+
+    def _add_dimensions(self, data: dict[str, Any]) -> None:
+        for card in data.get("data", []):
+            if isinstance(card, dict):
+                card["alignment"] = models_extension(self.dims)
+
+    async def _generate(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw, disconnected = await read_body(receive)
+        if disconnected:
+            return
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):  # not ours to judge: vLLM answers malformed JSON itself
+            await self.app(scope, replay(raw, receive), send)
+            return
+        try:
+            weights = resolve_weights(body, self.dims)
+        except RequestError as err:
+            REJECTED.labels(reason="bad_alignment").inc()
+            await send_json(send, 400, error_body(400, str(err), err.param))
+            return
+        if self.max_inflight is not None and self.inflight >= self.max_inflight:
+            REJECTED.labels(reason="queue_full").inc()
+            await send_json(
+                send, 429,
+                error_body(429, f"the server is at capacity ({self.max_inflight} requests in flight); retry shortly"),
+                [(b"retry-after", b"1")],
+            )
+            return
+        REQUESTS.labels(mode="guided" if any(weights.values()) else "base").inc()
+        for name, value in weights.items():
+            WEIGHTS.labels(dimension=name).observe(value)
+            if value:
+                DIMENSION_REQUESTS.labels(dimension=name).inc()
+        echo = {"weights": weights}
+
+        def add_echo(data: dict[str, Any]) -> None:
+            data["alignment"] = echo
+
+        self.inflight += 1
+        INFLIGHT.inc()
+        try:
+            await self.app(scope, replay(json.dumps(body).encode(), receive), JsonResponseEditor(send, add_echo))
+        finally:
+            self.inflight -= 1
+            INFLIGHT.dec()
+
+
+def patch_openapi(schema: dict[str, Any], dims: Dimensions | None) -> dict[str, Any]:
+    """Document `alignment` on the generation requests and responses, and on /v1/models."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    names = dims.names if dims else []
+    weights = {
+        "type": "object",
+        "description": "Guidance weight per reward dimension" + (f" ({', '.join(names)})" if names else "")
+        + "; dimensions left out get 0. Omit `alignment` for the server's defaults; {} for the base model alone.",
+        "additionalProperties": {"type": "number"},
+    }
+    if names:
+        weights["properties"] = {n: {"type": "number"} for n in names}
+    components["AlignmentRequest"] = {
+        "type": "object", "title": "AlignmentRequest",
+        "properties": {"weights": weights},
+        "additionalProperties": False,
+    }
+    components["AlignmentEcho"] = {
+        "type": "object", "title": "AlignmentEcho",
+        "description": "The weights this request was served with.",
+        "properties": {"weights": {"type": "object", "additionalProperties": {"type": "number"}}},
+        "required": ["weights"],
+    }
+    for path in GENERATION_PATHS:
+        post = schema.get("paths", {}).get(path, {}).get("post")
+        if not post:
+            continue
+        for target in _schemas_of(post.get("requestBody", {}), components):
+            target.setdefault("properties", {})["alignment"] = {"$ref": "#/components/schemas/AlignmentRequest"}
+        ok = (post.get("responses") or {}).get("200", {}).get("content", {}).get("application/json")
+        if ok is not None:
+            targets = _schemas_of({"content": {"json": ok}}, components)
+            if not targets:  # vLLM declares no response model: document at least our field
+                ok["schema"] = targets_holder = {
+                    "type": "object",
+                    "description": "The OpenAI response object, plus the weights it was served with.",
+                    "properties": {},
+                }
+                targets = [targets_holder]
+            for target in targets:
+                target.setdefault("properties", {})["alignment"] = {"$ref": "#/components/schemas/AlignmentEcho"}
+    return schema
+
+
+def _schemas_of(holder: dict[str, Any], components: dict[str, Any]) -> list[dict[str, Any]]:
+    """Object schemas (resolved $refs, anyOf members) under holder's content types."""
+    found = []
+    for media in (holder.get("content") or {}).values():
+        stack = [media.get("schema") or {}]
+        while stack:
+            node = stack.pop()
+            ref = node.get("$ref", "")
+            if ref.startswith("#/components/schemas/"):
+                node = components.get(ref.rsplit("/", 1)[1], {})
+            if node.get("type") == "object" or "properties" in node:
+                found.append(node)
+            stack.extend(node.get("anyOf", []) + node.get("oneOf", []))
+    return found
