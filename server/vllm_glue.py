@@ -178,6 +178,11 @@ def _group_geometry_flash_attention_backend() -> type:
         def get_builder_cls() -> type:
             return GroupGeometryFlashAttentionBuilder
 
+    # vLLM names backends by module + qualname and imports them again elsewhere: give the
+    # classes module-level names, which this module's __getattr__ resolves.
+    for cls in (GroupGeometryFlashAttentionBuilder, GroupGeometryFlashAttentionBackend):
+        cls.__qualname__ = cls.__name__
+        cls.__module__ = __name__
     _fa_backend_class = GroupGeometryFlashAttentionBackend
     return _fa_backend_class
 
@@ -187,6 +192,8 @@ def __getattr__(name: str) -> Any:
     # importing this module never needs the CUDA kernels.
     if name == _FA_BACKEND:
         return _group_geometry_flash_attention_backend()
+    if name == "GroupGeometryFlashAttentionBuilder":
+        return _group_geometry_flash_attention_backend().get_builder_cls()
     raise AttributeError(name)
 
 
