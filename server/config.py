@@ -22,6 +22,10 @@ from server.compat import SetupError
 from server.engine import GuidedModelConfig
 
 API_KEY_ENV = "GENARM_API_KEY"
+CONFIG_ENV = "GENARM_CONFIG"  # a YAML file, as --config (containers mount one)
+# vLLM 0.26 drops requests in flight on SIGTERM unless given a drain time; orchestrators send
+# SIGTERM on every rollout, so genarm-serve drains for this long unless told otherwise.
+DEFAULT_SHUTDOWN_TIMEOUT_S = 600
 # YAML keys; everything else in the file is refused (a typo should not be silently ignored).
 YAML_KEYS = {
     "base", "arms", "default_weights", "min_weight", "max_weight", "host", "port", "api_key",
@@ -51,6 +55,8 @@ class ServeConfig:
         ]
         if self.model is not None and self.model.served_model_name:
             argv += ["--served-model-name", self.model.served_model_name]
+        if not any(a.split("=")[0] == "--shutdown-timeout" for a in self.vllm_args):
+            argv += ["--shutdown-timeout", str(DEFAULT_SHUTDOWN_TIMEOUT_S)]
         return argv + list(self.vllm_args)
 
 
@@ -100,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible server for GenARM guided generation (base + ARMs in one vLLM engine).",
         epilog="Other arguments are passed to vLLM's OpenAI server unchanged.",
     )
-    parser.add_argument("--config", help="YAML file with any of: " + ", ".join(sorted(YAML_KEYS)))
+    parser.add_argument("--config", default=os.environ.get(CONFIG_ENV) or None,
+                        help=f"YAML file (or set {CONFIG_ENV}) with any of: " + ", ".join(sorted(YAML_KEYS)))
     parser.add_argument("--base", help="base model: HF folder (or hub id where a hub is reachable)")
     parser.add_argument("--arm", action="append", default=[], metavar="NAME=PATH",
                         help="an ARM for reward dimension NAME: merged HF folder or LoRA adapter (repeatable)")
