@@ -9,5 +9,6 @@ install:
 serve: install
 	$(VENV)/bin/genarm-serve $(ARGS)
 
-test: install
+test:
+	@GENARM_WITH_BROWSER=1 bash scripts/install.sh
 	$(VENV)/bin/python -m pytest $(ARGS)

@@ -7,6 +7,18 @@ cd "$(dirname "$0")/.."
 venv="${GENARM_VENV:-.venv}"
 python="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 stamp="$venv/.genarm-installed"
+
+# The playground test drives Debian's Chromium (make test asks for it; the server never needs it).
+if [ "${GENARM_WITH_BROWSER:-0}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[install] Debian chromium + chromium-driver (for the playground test)" >&2
+    (apt-get update -q >/dev/null 2>&1 || true)
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null
+  else
+    echo "[install] warning: chromium is missing and cannot be installed here; the playground test will fail" >&2
+  fi
+fi
+
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then exit 0; fi
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then target=gpu; else target=cpu; fi

@@ -14,7 +14,8 @@ from typing import Any
 from transformers import AutoConfig
 
 from server.compat import FusionSetup, SetupError, check_fusion_setup
-from server.fusion import WeightError, validate_weight_value
+from server.fusion import WeightError
+from server.guidance import GuidanceSpec
 
 # Engine arguments that cannot work with one weight row per request and step.
 UNSUPPORTED_ENGINE_ARGS = {
@@ -48,27 +49,19 @@ class GuidedModelConfig:
             self.min_weight > self.max_weight
         ):
             raise SetupError(f"bad weight range [{self.min_weight}, {self.max_weight}]")
-        unknown = sorted(set(self.default_weights) - set(self.arms))
-        if unknown:
-            raise SetupError(
-                f"default weight for unknown dimension(s) {unknown}; ARMs are {list(self.arms)}"
-            )
-        for name, value in self.default_weights.items():
-            try:
-                value = validate_weight_value(name, value)
-            except WeightError as err:
-                raise SetupError(f"default {err}") from None
-            if not self.min_weight <= value <= self.max_weight:
-                raise SetupError(
-                    f"default weight {name}={value} is outside [{self.min_weight}, {self.max_weight}]"
-                )
+        try:
+            self.guidance().row(self.default_weights)
+        except WeightError as err:
+            raise SetupError(f"default {err}") from None
 
     @property
     def dimensions(self) -> list[str]:
         return list(self.arms)
 
-    def default_row(self) -> list[float]:
-        return [float(self.default_weights.get(d, 0.0)) for d in self.arms]
+    def guidance(self) -> GuidanceSpec:
+        """Dimensions, defaults and range (what requests are checked against)."""
+        defaults = [float(self.default_weights.get(d, 0.0)) for d in self.arms]
+        return GuidanceSpec(self.dimensions, defaults, self.min_weight, self.max_weight)
 
 
 def max_positions(path: str) -> int | None:
@@ -105,15 +98,10 @@ def guided_engine_args(
                 f"max_model_len {asked} exceeds the {limit} positions the smallest model supports"
             )
         args.setdefault("max_model_len", limit)
-    spec = vllm_glue.GuidanceSpec(
-        dimensions=model.dimensions,
-        arm_paths=[str(f.path.resolve()) for f in setup.arms.values()],
-        base_architectures=list(AutoConfig.from_pretrained(setup.base.path).architectures or []),
-        default_weights=model.default_row(),
-        min_weight=model.min_weight,
-        max_weight=model.max_weight,
-        vocab_size=setup.vocab_size,
-    )
+    spec = model.guidance()
+    spec.arm_paths = [str(f.path.resolve()) for f in setup.arms.values()]
+    spec.base_architectures = list(AutoConfig.from_pretrained(setup.base.path).architectures or [])
+    spec.vocab_size = setup.vocab_size
     overrides = dict(args.pop("hf_overrides", None) or {})
     overrides.update(vllm_glue.engine_overrides(spec))
     if not vllm_glue.user_chose_attention_backend(args):
@@ -127,23 +115,13 @@ def guided_engine_args(
         args.setdefault("served_model_name", model.served_model_name)
     vllm_glue.prepare_environment()
     vllm_glue.register()
-    vllm_glue.publish_spec(spec)
+    spec.publish()
     return args, setup
 
 
 def weights_extra_args(model: GuidedModelConfig, weights: Mapping[str, float] | None) -> dict[str, float]:
-    """SamplingParams.extra_args for one request: None -> the defaults; a mapping -> exactly
-    those weights, 0 for the dimensions it leaves out ({} = the base model alone)."""
-    from server.vllm_glue import WEIGHT_ARG_PREFIX
-
-    if weights is None:
-        row = dict(zip(model.dimensions, model.default_row(), strict=True))
-    else:
-        row = {d: float(weights.get(d, 0.0)) for d in model.dimensions}
-        unknown = sorted(set(weights) - set(model.dimensions))
-        if unknown:
-            raise WeightError(f"unknown reward dimension(s) {unknown}; this model has {model.dimensions}")
-    return {f"{WEIGHT_ARG_PREFIX}{d}": w for d, w in row.items()}
+    """SamplingParams.extra_args for one request (None: the defaults; {}: the base alone)."""
+    return model.guidance().extra_args(weights)
 
 
 def guided_llm(model: GuidedModelConfig, **engine_args: Any) -> Any:

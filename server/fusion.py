@@ -12,33 +12,27 @@ sampled.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
 
 class WeightError(ValueError):
-    """A guidance weight is not a finite number (or names no known reward dimension)."""
+    """A guidance weight is not a finite number, out of range, or names no known dimension."""
+
+    def __init__(self, message: str, dimension: str | None = None) -> None:
+        super().__init__(message)
+        self.dimension = dimension
 
 
 def validate_weight_value(name: str, value: object) -> float:
     """One weight, as a float; refuses bools, non-numbers and non-finite values."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise WeightError(f"weight {name!r} must be a number, got {type(value).__name__}")
+        raise WeightError(f"weight {name!r} must be a number, got {type(value).__name__}", name)
     value = float(value)
     if not math.isfinite(value):
-        raise WeightError(f"weight {name!r} must be finite, got {value}")
+        raise WeightError(f"weight {name!r} must be finite, got {value}", name)
     return value
-
-
-def weight_row(weights: Mapping[str, object], dimensions: Sequence[str]) -> list[float]:
-    """Turn {dimension: weight} into a row ordered like `dimensions` (missing ones are 0)."""
-    unknown = sorted(set(weights) - set(dimensions))
-    if unknown:
-        raise WeightError(
-            f"unknown reward dimension(s) {unknown}; this model has {list(dimensions)}"
-        )
-    return [validate_weight_value(d, weights.get(d, 0.0)) for d in dimensions]
 
 
 def fused_logprobs(

@@ -14,13 +14,14 @@ aborts on disconnect...); we only rewrite their JSON on the way in and out.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
+
+from server.fusion import WeightError
+from server.guidance import GuidanceSpec
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -29,7 +30,6 @@ Send = Callable[[Message], Awaitable[None]]
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 HTTP_ENV = "GENARM_HTTP"  # JSON: {"max_inflight": int}
-WEIGHT_ARG_PREFIX = "genarm_weight_"  # keep in step with server.vllm_glue.WEIGHT_ARG_PREFIX
 
 REQUESTS = Counter("genarm_requests", "Generation requests admitted, by mode", ["mode"])
 DIMENSION_REQUESTS = Counter(
@@ -41,19 +41,6 @@ WEIGHTS = Histogram(
 )
 REJECTED = Counter("genarm_rejected_requests", "Requests refused, by reason", ["reason"])
 INFLIGHT = Gauge("genarm_inflight_requests", "Generation requests being served or queued")
-
-
-@dataclass(frozen=True)
-class Dimensions:
-    names: list[str]
-    defaults: list[float]
-    min_weight: float
-    max_weight: float
-
-    @classmethod
-    def from_spec_json(cls, raw: str) -> Dimensions:
-        spec = json.loads(raw)
-        return cls(spec["dimensions"], spec["default_weights"], spec["min_weight"], spec["max_weight"])
 
 
 class RequestError(Exception):
@@ -68,70 +55,51 @@ def error_body(status: int, message: str, param: str | None = None) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}).encode()
 
 
-def resolve_weights(body: dict[str, Any], dims: Dimensions) -> dict[str, float]:
+def resolve_weights(body: dict[str, Any], spec: GuidanceSpec) -> dict[str, float]:
     """The weights this request asks for, validated; rewrites `body` for vLLM in place.
 
-    No `alignment`: the server's defaults. `{"weights": {...}}`: those, 0 for dimensions left out
-    (`{"weights": {}}` is the base model alone).
+    No `alignment`: the server's defaults (or weights a raw vLLM client put in `vllm_xargs`).
+    `{"weights": {...}}`: those, 0 for dimensions left out (`{}` is the base model alone).
     """
     xargs = body.get("vllm_xargs")
     if xargs is not None and not isinstance(xargs, dict):
         raise RequestError("vllm_xargs must be an object", "vllm_xargs")
     xargs = dict(xargs or {})
-    if "alignment" in body:
-        alignment = body.pop("alignment")
-        if alignment is None:
-            alignment = {}
-        if not isinstance(alignment, dict):
-            raise RequestError("alignment must be an object like {\"weights\": {\"harmless\": 1.0}}", "alignment")
-        unknown_keys = sorted(set(alignment) - {"weights"})
-        if unknown_keys:
-            raise RequestError(f"unknown alignment field(s) {unknown_keys}; expected 'weights'", "alignment")
-        weights = alignment.get("weights")
-        if weights is None:
-            given = dict(zip(dims.names, dims.defaults, strict=True))
-        elif not isinstance(weights, dict):
-            raise RequestError("alignment.weights must be an object of dimension -> number", "alignment.weights")
+    from_alignment = "alignment" in body
+    try:
+        if from_alignment:
+            row = spec.row(_requested_weights(body.pop("alignment")))
         else:
-            given = {name: weights.get(name, 0.0) for name in dims.names}
-            for name in weights:
-                if name not in dims.names:
-                    raise RequestError(
-                        f"unknown reward dimension {name!r}; this model has {dims.names}",
-                        f"alignment.weights.{name}",
-                    )
-    else:
-        named = {k[len(WEIGHT_ARG_PREFIX):]: v for k, v in xargs.items() if k.startswith(WEIGHT_ARG_PREFIX)}
-        if named:  # a raw vLLM client setting the weights through vllm_xargs
-            unknown = sorted(set(named) - set(dims.names))
-            if unknown:
-                raise RequestError(f"unknown reward dimension(s) {unknown}; this model has {dims.names}", "vllm_xargs")
-            given = {name: named.get(name, 0.0) for name in dims.names}
-        else:
-            given = dict(zip(dims.names, dims.defaults, strict=True))
-    resolved: dict[str, float] = {}
-    for name, value in given.items():
-        param = f"alignment.weights.{name}"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RequestError(f"weight {name!r} must be a number, got {json.dumps(value)}", param)
-        if not math.isfinite(value):
-            raise RequestError(f"weight {name!r} must be finite", param)
-        if not dims.min_weight <= value <= dims.max_weight:
-            raise RequestError(
-                f"weight {name!r}={value} is outside the allowed range [{dims.min_weight}, {dims.max_weight}]", param
-            )
-        resolved[name] = float(value)
-    xargs.update({f"{WEIGHT_ARG_PREFIX}{name}": value for name, value in resolved.items()})
+            row = spec.row_from_extra_args(xargs)
+    except WeightError as err:
+        param = f"alignment.weights.{err.dimension}" if from_alignment else "vllm_xargs"
+        raise RequestError(str(err), param) from None
+    xargs.update(spec.extra_args(spec.as_mapping(row)))
     body["vllm_xargs"] = xargs
-    return resolved
+    return spec.as_mapping(row)
 
 
-def models_extension(dims: Dimensions) -> dict[str, Any]:
+def _requested_weights(alignment: object) -> dict[str, object] | None:
+    """The `weights` mapping of an `alignment` object (None: use the defaults)."""
+    if alignment is None:
+        return None
+    if not isinstance(alignment, dict):
+        raise RequestError('alignment must be an object like {"weights": {"harmless": 1.0}}', "alignment")
+    unknown = sorted(set(alignment) - {"weights"})
+    if unknown:
+        raise RequestError(f"unknown alignment field(s) {unknown}; expected 'weights'", "alignment")
+    weights = alignment.get("weights")
+    if weights is not None and not isinstance(weights, dict):
+        raise RequestError("alignment.weights must be an object of dimension -> number", "alignment.weights")
+    return weights
+
+
+def models_extension(spec: GuidanceSpec) -> dict[str, Any]:
     return {
-        "dimensions": dims.names,
-        "default_weights": dict(zip(dims.names, dims.defaults, strict=True)),
-        "min_weight": dims.min_weight,
-        "max_weight": dims.max_weight,
+        "dimensions": spec.dimensions,
+        "default_weights": spec.as_mapping(spec.default_weights),
+        "min_weight": spec.min_weight,
+        "max_weight": spec.max_weight,
     }
 
 
@@ -238,14 +206,13 @@ class AlignmentMiddleware:
 
     def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
         self.app = app
-        spec = os.environ.get("GENARM_SPEC")
-        self.dims = Dimensions.from_spec_json(spec) if spec else None
+        self.spec = GuidanceSpec.published()
         settings = json.loads(os.environ.get(HTTP_ENV) or "{}")
         self.max_inflight = int(settings.get("max_inflight", 0)) or None
         self.inflight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.dims is None:
+        if scope["type"] != "http" or self.spec is None:
             await self.app(scope, receive, send)
             return
         path, method = scope["path"], scope["method"]
@@ -259,7 +226,7 @@ class AlignmentMiddleware:
     def _add_dimensions(self, data: dict[str, Any]) -> None:
         for card in data.get("data", []):
             if isinstance(card, dict):
-                card["alignment"] = models_extension(self.dims)
+                card["alignment"] = models_extension(self.spec)
 
     async def _generate(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw, disconnected = await read_body(receive)
@@ -273,7 +240,7 @@ class AlignmentMiddleware:
             await self.app(scope, replay(raw, receive), send)
             return
         try:
-            weights = resolve_weights(body, self.dims)
+            weights = resolve_weights(body, self.spec)
         except RequestError as err:
             REJECTED.labels(reason="bad_alignment").inc()
             await send_json(send, 400, error_body(400, str(err), err.param))
@@ -305,10 +272,10 @@ class AlignmentMiddleware:
             INFLIGHT.dec()
 
 
-def patch_openapi(schema: dict[str, Any], dims: Dimensions | None) -> dict[str, Any]:
+def patch_openapi(schema: dict[str, Any], spec: GuidanceSpec | None) -> dict[str, Any]:
     """Document `alignment` on the generation requests and responses, and on /v1/models."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    names = dims.names if dims else []
+    names = spec.dimensions if spec else []
     weights = {
         "type": "object",
         "description": "Guidance weight per reward dimension" + (f" ({', '.join(names)})" if names else "")

@@ -17,7 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from server.compat import FusionSetup, check_fusion_setup, load_tokenizer
-from server.fusion import fused_logprobs, sample_next_tokens, weight_row
+from server.fusion import fused_logprobs, sample_next_tokens
+from server.guidance import unbounded_spec
 
 
 @dataclass
@@ -51,6 +52,7 @@ class ReferenceGuidedGenerator:
     ) -> None:
         self.setup: FusionSetup = check_fusion_setup(base_path, dict(arm_paths))
         self.dimensions = list(self.setup.arms)
+        self.spec = unbounded_spec(self.dimensions)
         self.device = torch.device(device)
         self.tokenizer = load_tokenizer(self.setup.base.path)
         self.vocab_size = self.setup.vocab_size
@@ -71,9 +73,7 @@ class ReferenceGuidedGenerator:
         return list(prompt)
 
     def weight_tensor(self, weights: Sequence[Mapping[str, float]]) -> torch.Tensor:
-        return torch.tensor(
-            [weight_row(w, self.dimensions) for w in weights], dtype=torch.float32
-        )
+        return torch.tensor([self.spec.row(w) for w in weights], dtype=torch.float32)
 
     @torch.inference_mode()
     def next_token_logits(

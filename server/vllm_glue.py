@@ -23,7 +23,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,63 +32,14 @@ import torch
 from torch import nn
 from vllm.v1.sample.logits_processor import LogitsProcessor, MoveDirectionality
 
-from server.fusion import WeightError, fused_logprobs, validate_weight_value
+from server.fusion import fused_logprobs
+from server.guidance import GuidanceSpec
 
 logger = logging.getLogger("genarm.vllm")
 
 ARCHITECTURE = "GenARMForCausalLM"
 HF_CONFIG_KEY = "genarm"  # where the guidance spec rides in the base's (overridden) hf_config
-SPEC_ENV = "GENARM_SPEC"  # the same spec for front-end processes (request validation)
-WEIGHT_ARG_PREFIX = "genarm_weight_"  # SamplingParams.extra_args / vllm_xargs key per dimension
 WEIGHTS_PROCESSOR = f"{__name__}:GenARMWeights"  # as vLLM's --logits-processors names it
-
-
-@dataclass
-class GuidanceSpec:
-    """What the engine fuses: ARM folders by reward dimension, defaults and allowed range."""
-
-    dimensions: list[str]
-    arm_paths: list[str]
-    base_architectures: list[str]
-    default_weights: list[float]
-    min_weight: float = -10.0
-    max_weight: float = 10.0
-    vocab_size: int = 0  # ids the fused step covers (see server.compat.fused_vocab_size)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GuidanceSpec:
-        return cls(**data)
-
-    def weight_row(self, extra_args: dict[str, Any] | None) -> list[float]:
-        """The request's weight row from its extra_args; raises WeightError on bad values.
-
-        No `genarm_weight_*` key: the defaults. Some keys: those weights, 0 for the others
-        (the HTTP layer always sends every dimension, so its callers get exactly what they ask).
-        """
-        given = {
-            key[len(WEIGHT_ARG_PREFIX) :]: value
-            for key, value in (extra_args or {}).items()
-            if key.startswith(WEIGHT_ARG_PREFIX)
-        }
-        if not given:
-            return list(self.default_weights)
-        unknown = sorted(set(given) - set(self.dimensions))
-        if unknown:
-            raise WeightError(
-                f"unknown reward dimension(s) {unknown}; this model has {self.dimensions}"
-            )
-        row = []
-        for dim in self.dimensions:
-            value = validate_weight_value(dim, given.get(dim, 0.0))
-            if not self.min_weight <= value <= self.max_weight:
-                raise WeightError(
-                    f"weight {dim!r}={value} is outside [{self.min_weight}, {self.max_weight}]"
-                )
-            row.append(value)
-        return row
 
 
 def engine_overrides(spec: GuidanceSpec) -> dict[str, Any]:
@@ -98,17 +49,7 @@ def engine_overrides(spec: GuidanceSpec) -> dict[str, Any]:
 
 def spec_from_hf_config(hf_config: Any) -> GuidanceSpec | None:
     data = getattr(hf_config, HF_CONFIG_KEY, None)
-    return GuidanceSpec.from_dict(dict(data)) if data else None
-
-
-def publish_spec(spec: GuidanceSpec) -> None:
-    """Make the spec visible to request validation in this process and in any it spawns."""
-    os.environ[SPEC_ENV] = spec.to_json()
-
-
-def _published_spec() -> GuidanceSpec | None:
-    raw = os.environ.get(SPEC_ENV)
-    return GuidanceSpec.from_dict(json.loads(raw)) if raw else None
+    return GuidanceSpec.from_dict(data) if data else None
 
 
 def register() -> None:
@@ -241,10 +182,9 @@ class GenARMWeights(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
-        spec = _published_spec()
-        extra_args = getattr(sampling_params, "extra_args", None)
-        if spec is not None:
-            spec.weight_row(extra_args)  # raises WeightError (a ValueError): HTTP 400
+        spec = GuidanceSpec.published()
+        if spec is not None:  # raises WeightError (a ValueError): HTTP 400
+            spec.row_from_extra_args(getattr(sampling_params, "extra_args", None))
         if getattr(sampling_params, "prompt_logprobs", None) is not None:
             raise ValueError(
                 "prompt_logprobs is not supported with GenARM guidance (logprobs of generated "
@@ -274,7 +214,7 @@ class GenARMWeights(LogitsProcessor):
         for index in batch_update.removed:
             self.table[index] = 0.0
         for index, params, _, _ in batch_update.added:
-            self.table[index] = self.spec.weight_row(params.extra_args)
+            self.table[index] = self.spec.row_from_extra_args(params.extra_args)
         for src, dst, direction in batch_update.moved:
             if direction == MoveDirectionality.SWAP:
                 self.table[[src, dst]] = self.table[[dst, src]]
@@ -449,18 +389,17 @@ class GenARMEndpointPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: Any) -> None:
-        from server.http_api import AlignmentMiddleware, Dimensions, patch_openapi
+        from server.http_api import AlignmentMiddleware, patch_openapi
         from server.playground import router as playground_router
 
         app.include_router(playground_router)
         app.add_middleware(AlignmentMiddleware)
-        spec = os.environ.get(SPEC_ENV)
-        dims = Dimensions.from_spec_json(spec) if spec else None
+        spec = GuidanceSpec.published()
         build_openapi = app.openapi
 
         def openapi() -> dict[str, Any]:
             if not getattr(app, "_genarm_openapi_patched", False):
-                app.openapi_schema = patch_openapi(build_openapi(), dims)
+                app.openapi_schema = patch_openapi(build_openapi(), spec)
                 app._genarm_openapi_patched = True
             return app.openapi_schema
 

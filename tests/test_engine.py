@@ -262,7 +262,7 @@ def test_start_up_refuses_bad_setups(tiny_family: dict[str, Path], foreign_arm: 
         guided_engine_args(GuidedModelConfig(base=base, arms={"harmless": arm}), {"speculative_config": {"method": "ngram"}})
     with pytest.raises(SetupError, match="max_model_len"):
         guided_engine_args(GuidedModelConfig(base=base, arms={"harmless": arm}), {"max_model_len": 10**6})
-    with pytest.raises(SetupError, match="unknown dimension"):
+    with pytest.raises(SetupError, match="unknown reward dimension"):
         guided_engine_args(GuidedModelConfig(base=base, arms={"harmless": arm}, default_weights={"helpful": 1.0}))
     with pytest.raises(SetupError, match="outside"):
         guided_engine_args(GuidedModelConfig(base=base, arms={"harmless": arm}, default_weights={"harmless": 99.0}))

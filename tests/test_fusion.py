@@ -7,13 +7,8 @@ import math
 import pytest
 import torch
 
-from server.fusion import (
-    WeightError,
-    fused_logprobs,
-    sample_next_tokens,
-    validate_weight_value,
-    weight_row,
-)
+from server.fusion import WeightError, fused_logprobs, sample_next_tokens, validate_weight_value
+from server.guidance import GuidanceSpec, unbounded_spec
 
 
 def hand_fused(base: torch.Tensor, arms: list[torch.Tensor], weights: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -122,12 +117,25 @@ def test_non_finite_weights_are_refused(bad: float) -> None:
 
 
 def test_weight_rows_refuse_unknown_dimensions_and_non_numbers() -> None:
-    assert weight_row({"helpful": 2}, ["harmless", "helpful"]) == [0.0, 2.0]
-    with pytest.raises(WeightError, match="unknown reward dimension"):
-        weight_row({"funny": 1.0}, ["harmless"])
+    assert unbounded_spec(["harmless", "helpful"]).row({"helpful": 2}) == [0.0, 2.0]
+    with pytest.raises(WeightError, match="unknown reward dimension") as err:
+        unbounded_spec(["harmless"]).row({"funny": 1.0})
+    assert err.value.dimension == "funny"
     for bad in ("1.0", None, True, [1.0]):
         with pytest.raises(WeightError, match="must be a number"):
-            weight_row({"harmless": bad}, ["harmless"])
+            unbounded_spec(["harmless"]).row({"harmless": bad})
+
+
+def test_guidance_spec_rows_defaults_and_range() -> None:
+    spec = GuidanceSpec(["harmless", "helpful"], [1.0, 0.0], min_weight=0.0, max_weight=5.0)
+    assert spec.row(None) == [1.0, 0.0] and spec.row({}) == [0.0, 0.0]
+    assert spec.row_from_extra_args({}) == [1.0, 0.0]  # no weight keys: the defaults
+    assert spec.row_from_extra_args({"genarm_weight_helpful": 2}) == [0.0, 2.0]
+    assert spec.extra_args({"harmless": 3}) == {"genarm_weight_harmless": 3.0, "genarm_weight_helpful": 0.0}
+    with pytest.raises(WeightError, match="outside the allowed range"):
+        spec.row({"helpful": 5.5})
+    with pytest.raises(WeightError, match="outside the allowed range"):
+        spec.row({"helpful": -0.1})
 
 
 def test_sampling_greedy_top_k_top_p() -> None:

