@@ -250,7 +250,7 @@ def correctness(out: Path, smoke: bool) -> dict[str, Any]:
         lines = corpus_lines(200, skip=400)
         count = 8 if smoke else 48
         prompt_ids = []
-        for i in range(count):
+        for _ in range(count):
             ids = tokenizer(lines[int(rng.integers(len(lines)))]).input_ids
             prompt_ids.append(ids[: int(rng.integers(4, min(len(ids), 400) + 1))] or ids[:4])
         weights = [{d: float(rng.choice([0.0, 0.5, 1.0, 2.0])) for d in arms} for _ in range(count)]
@@ -347,7 +347,7 @@ def reference_speed(out: Path, pairs: list[str], smoke: bool) -> None:
             ids = torch.randint(3, vocab, (size, 64), device=device)
             weights = torch.ones(size, 1, device=device)
             with torch.inference_mode():
-                for attempt in range(2):  # the first pass warms up
+                for _ in range(2):  # the first pass warms up
                     if device == "cuda":
                         torch.cuda.synchronize()
                     start = time.perf_counter()

@@ -49,7 +49,7 @@ def merge_adapter(adapter_dir: str | Path, serving_base: str) -> Path:
     """A merged HF folder for the adapter (built on first use, then reused from the cache)."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     adapter = Path(adapter_dir).expanduser().resolve()
     base = adapter_base(adapter, serving_base).resolve()
@@ -62,9 +62,11 @@ def merge_adapter(adapter_dir: str | Path, serving_base: str) -> Path:
         return target
     logger.warning("merging LoRA adapter %s onto %s (once; cached in %s)", adapter, base, target)
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    except (OSError, ValueError) as err:
+        # Merge in float32, store in the base's own dtype (what the engine would load anyway).
+        stored = getattr(AutoConfig.from_pretrained(base), "dtype", None) or torch.float32
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload().to(stored)
+    except (OSError, ValueError, RuntimeError) as err:
         raise SetupError(f"adapter {adapter}: cannot merge onto {base}: {str(err).splitlines()[0]}") from None
     tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else base
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -135,7 +135,7 @@ class ReferenceGuidedGenerator:
         caches = [DynamicCache() for _ in self.models]
         sequences = [list(p) for p in prompt_ids]
         max_steps = max(o.max_tokens for o in opts)
-        for step in range(max_steps):
+        for _ in range(max_steps):
             if use_kv_cache:
                 logits = self._forward_cached(input_ids, mask, positions, caches)
             else:

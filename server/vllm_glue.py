@@ -20,7 +20,6 @@ Public extension points only, no fork and no monkey-patching:
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -32,10 +31,10 @@ import torch
 from torch import nn
 from vllm.v1.sample.logits_processor import LogitsProcessor, MoveDirectionality
 
+from server.compat import SetupError
 from server.fusion import fused_logprobs
 from server.guidance import GuidanceSpec
 
-logger = logging.getLogger("genarm.vllm")
 
 ARCHITECTURE = "GenARMForCausalLM"
 HF_CONFIG_KEY = "genarm"  # where the guidance spec rides in the base's (overridden) hf_config
@@ -146,7 +145,7 @@ def prepare_environment() -> None:
     """
     value = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
     if value is not None and value.strip().lower() in ("1", "true", "yes"):
-        raise RuntimeError(
+        raise SetupError(
             "GenARM guidance needs vLLM's V1 model runner (it keeps per-request weights in a "
             "V1 logits processor): unset VLLM_USE_V2_MODEL_RUNNER or set it to 0"
         )

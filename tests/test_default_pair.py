@@ -57,7 +57,7 @@ def test_weight_zero_is_the_base_and_a_large_weight_changes_it(default_server: S
     for text in PROMPTS:
         ids = chat_prompt_ids(tokenizer, text)
 
-        def complete(weight: float) -> list[int]:
+        def complete(weight: float, ids: list[int] = ids) -> list[int]:
             body = {"model": card["id"], "prompt": ids, "max_tokens": 24, "temperature": 0,
                     "return_token_ids": True, "alignment": {"weights": {"harmless": weight}}}
             response = httpx.post(default_server.url + "/v1/completions", json=body, headers=AUTH, timeout=300)

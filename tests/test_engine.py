@@ -267,7 +267,7 @@ def test_start_up_refuses_bad_setups(tiny_family: dict[str, Path], foreign_arm: 
     with pytest.raises(SetupError, match="outside"):
         guided_engine_args(GuidedModelConfig(base=base, arms={"harmless": arm}, default_weights={"harmless": 99.0}))
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER"):
+    with pytest.raises(SetupError, match="VLLM_USE_V2_MODEL_RUNNER"):
         guided_engine_args(GuidedModelConfig(base=base, arms={"harmless": arm}))
 
 

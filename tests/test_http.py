@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from collections.abc import Iterator
@@ -292,7 +291,7 @@ def test_schemathesis_on_the_endpoints_we_change(server: ServerProcess) -> None:
 
         @settings(max_examples=25, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
-        def check(case: object) -> None:
+        def check(case: object, operation: object = operation) -> None:
             nonlocal count
             count += 1
             if isinstance(case.body, dict):  # keep fuzzed generations short on a CPU

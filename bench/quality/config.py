@@ -34,7 +34,7 @@ class PositiveSettings:
     enabled: bool = True
     train_prompts: int = 400
     temperature: float = 1.0
-    min_gap: float = 0.1  # |VADER(a) - VADER(b)| below this: a tie, skipped
+    min_gap: float = 0.1  # |VADER(a) - VADER(b)| <= this: a tie, skipped
     out: str | None = None  # ARM training folder (default: WORKDIR/positive-arm)
     arm: str | None = None  # use this ARM (adapter or HF folder) instead of training one
     train_args: list[str] = field(default_factory=lambda: [
@@ -117,14 +117,15 @@ def smoke_config(tiny: dict[str, Path], workdir: Path) -> ExperimentConfig:
         best_of=[2, 4],
         args=ArgsSettings(weight=1.0, top_k=3, n_prompts=4, batch_size=4),
         judge=JudgeSettings(features=["resp", "resp+inter"], c_grid=[1.0], max_seq_length=48, max_train_pairs=120),
-        positive=PositiveSettings(train_prompts=48, temperature=1.0, min_gap=0.05, train_args=[
+        positive=PositiveSettings(train_prompts=48, temperature=1.0, min_gap=0.0, train_args=[
             "--max-length", "96", "--max-prompt-length", "64", "--batch-size", "8", "--per-device-batch-size", "8",
             "--max-steps", "2", "--learning-rate", "1e-2", "--no-bf16", "--logging-steps", "1", "--save-steps", "1000",
             "--eval-steps", "1000", "--no-progress", "--no-plot",
         ]),
         multi=MultiSettings(grid={"harmless": [0.0, 1.0], "positive": [0.0, 2.0]}, n_prompts=4),
         engine_args={"dtype": "float32", "max_model_len": 512, "max_num_seqs": 16, "max_num_batched_tokens": 2048,
-                     "enable_chunked_prefill": False, "enable_prefix_caching": True, "seed": 0},
+                     "enable_chunked_prefill": False, "enable_prefix_caching": True, "seed": 0,
+                     "enforce_eager": True},  # no torch.compile: engines start in seconds
         kv_cache_gib=1,
         nice=0,
         workdir=str(workdir),

@@ -169,14 +169,14 @@ def base_logprobs(
 
 def vader_pairs(prompts: Sequence[Any], samples: Sequence[Sequence[str]], sentiment: Callable, min_gap: float) -> tuple[list[dict], dict]:
     """Preference pairs from two samples per prompt: the one with higher VADER compound is chosen;
-    pairs closer than min_gap (ties, e.g. both 0) are skipped."""
+    pairs with |VADER(a) - VADER(b)| <= min_gap (ties, e.g. both 0) are skipped."""
     records, skipped_ties, skipped_same = [], 0, 0
     for pair, (a, b) in zip(prompts, samples, strict=True):
         if a.strip() == b.strip() or not a.strip() or not b.strip():
             skipped_same += 1
             continue
         sa, sb = sentiment([a, b])
-        if abs(sa - sb) < min_gap:
+        if abs(sa - sb) <= min_gap:
             skipped_ties += 1
             continue
         chosen, rejected = (a, b) if sa > sb else (b, a)
