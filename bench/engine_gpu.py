@@ -269,21 +269,10 @@ def correctness(out: Path, smoke: bool) -> dict[str, Any]:
         if "outputs" in guided:
             device = "cuda" if torch.cuda.is_available() else "cpu"
             reference = ReferenceGuidedGenerator(paths["base"], arms, device=device, dtype=torch.float32)
-            gaps, logprob_errors, divergences, exact = [], [], 0, 0
-            for ids, w, o in zip(prompt_ids, weights, guided["outputs"]):
-                fused = reference.teacher_forced(ids, o["token_ids"], w).cpu()
-                chosen = torch.tensor(o["token_ids"])
-                best = fused.max(dim=-1).values
-                got = fused[torch.arange(len(chosen)), chosen]
-                gaps.extend((best - got).tolist())
-                logprob_errors.extend((got - torch.tensor(o["logprobs"])).abs().tolist())
-                divergences += int((fused.argmax(-1) != chosen).sum())
-                exact += int(bool((fused.argmax(-1) == chosen).all()))
-            entry.update(
-                sequences=count, tokens=len(gaps), sequences_exact=exact, argmax_divergences=divergences,
-                max_gap_to_reference_best=max(gaps), max_abs_logprob_error=max(logprob_errors),
-                p99_abs_logprob_error=float(np.percentile(logprob_errors, 99)),
-            )
+            entry.update(sequences=count, **teacher_forced_stats(reference, prompt_ids, weights, guided["outputs"]))
+            if "outputs" in zero:  # the noise floor: the base alone, same precision, same check
+                base_alone = teacher_forced_stats(reference, prompt_ids, [{}] * count, zero["outputs"])
+                entry["base_alone"] = {k: base_alone[k] for k in ("argmax_divergences", "max_gap_to_reference_best", "p99_abs_logprob_error")}
             del reference
         else:
             entry["error"] = guided.get("error")
@@ -291,6 +280,31 @@ def correctness(out: Path, smoke: bool) -> dict[str, Any]:
         print(json.dumps({arch: entry}), flush=True)
     (out / "correctness.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def teacher_forced_stats(reference: Any, prompt_ids: list, weights: list, outputs: list) -> dict[str, Any]:
+    """Every generated token through the fp32 reference: how far each choice is from the
+    reference's best, also per unit of total weight (bf16 error scales with 1 + sum of weights)."""
+    import numpy as np
+    import torch
+
+    gaps, scaled, errors, divergences, exact = [], [], [], 0, 0
+    for ids, w, o in zip(prompt_ids, weights, outputs, strict=True):
+        fused = reference.teacher_forced(ids, o["token_ids"], w).cpu()
+        chosen = torch.tensor(o["token_ids"])
+        best = fused.max(dim=-1).values
+        got = fused[torch.arange(len(chosen)), chosen]
+        gap = (best - got).tolist()
+        gaps.extend(gap)
+        scaled.extend(g / (1 + sum(abs(v) for v in w.values())) for g in gap)
+        errors.extend((got - torch.tensor(o["logprobs"])).abs().tolist())
+        divergences += int((fused.argmax(-1) != chosen).sum())
+        exact += int(bool((fused.argmax(-1) == chosen).all()))
+    return dict(
+        tokens=len(gaps), sequences_exact=exact, argmax_divergences=divergences,
+        max_gap_to_reference_best=max(gaps), max_gap_per_unit_weight=max(scaled),
+        max_abs_logprob_error=max(errors), p99_abs_logprob_error=float(np.percentile(errors, 99)),
+    )
 
 
 def speed(out: Path, pairs: list[str], smoke: bool, only: list[str] | None) -> None:
