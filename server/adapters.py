@@ -6,22 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from server.compat import SetupError
+from server.model_fetch import cache_root
 
 logger = logging.getLogger("genarm.adapters")
-
-
-def cache_root() -> Path:
-    """Where genarm-serve keeps fetched models and merged adapters (GENARM_CACHE overrides)."""
-    if os.environ.get("GENARM_CACHE"):
-        return Path(os.environ["GENARM_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "genarm-serve"
 
 
 def is_adapter(path: str | Path) -> bool:
