@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from server.compat import SetupError
-from server.model_fetch import cache_root
+from server.model_fetch import KNOWN_MODELS, cache_root, fetch_model
 
 logger = logging.getLogger("genarm.adapters")
 
@@ -29,8 +29,6 @@ def adapter_base(adapter: Path, serving_base: str) -> Path:
     info_file = adapter / "genarm_arm.json"
     name = json.loads(info_file.read_text()).get("base_model_name") if info_file.is_file() else None
     if name:
-        from server.model_fetch import KNOWN_MODELS, fetch_model
-
         if name in KNOWN_MODELS:
             return fetch_model(name)
     logger.warning("adapter %s: base %r not found here; merging onto the serving base %s", adapter, recorded, serving_base)

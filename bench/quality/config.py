@@ -76,6 +76,7 @@ class ExperimentConfig:
         "enable_chunked_prefill": False, "enable_prefix_caching": True, "seed": 0,
     })
     kv_cache_gib: int = 4
+    threads: int = 1  # torch / OpenMP threads per process (1: robust on a shared machine; more spin-waits when cores are busy)
     nice: int = 5
     workdir: str = "/work/runs/quality"
     reference_dtype: str = "float32"  # ARGS / drift / reference-decoder timing in transformers

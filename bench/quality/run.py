@@ -65,6 +65,9 @@ class Experiment:
         self.out.mkdir(parents=True, exist_ok=True)
         self.command = command
         self.nice = cfg.nice if nice is None else nice
+        import torch
+
+        torch.set_num_threads(cfg.threads)
         self._split: SplitData | None = None
         self._tokenizer = None
         self._judge = None
@@ -169,7 +172,7 @@ class Experiment:
         load_before = os.getloadavg()
         started = time.monotonic()
         log(f"engine job {name}: {len(tasks)} task(s) on {model.name}" + (f" + ARMs {list(arms)}" if arms else ""))
-        result = run_engine_job(job, self.work / "jobs", name, nice=self.nice)
+        result = run_engine_job(job, self.work / "jobs", name, nice=self.nice, threads=self.cfg.threads)
         if "loadavg_before" not in result:  # a fresh run (not reused from the cache): record the machine load
             result["loadavg_before"] = load_before
             result["loadavg_after"] = os.getloadavg()
@@ -194,7 +197,9 @@ class Experiment:
         if self.cfg.judge.max_train_pairs:
             train = train[: self.cfg.judge.max_train_pairs]
         wanted = {"features": list(self.cfg.judge.features), "c_grid": list(self.cfg.judge.c_grid),
-                  "train_pairs": len(train), "max_seq_length": self.cfg.judge.max_seq_length}
+                  "train_pairs": len(train), "max_seq_length": self.cfg.judge.max_seq_length,
+                  "split_sha256": hashlib.sha256(json.dumps(
+                      [[p.index for p in train], [p.index for p in self.split.heldout]]).encode()).hexdigest()}
         if path.with_suffix(".json").is_file():
             meta = RewardJudge.load(path).meta
             if meta.get("settings") == wanted:
@@ -246,10 +251,10 @@ class Experiment:
         if self.nice:
             cmd = ["nice", "-n", str(self.nice), *cmd]
         log("training the positive ARM: " + shlex.join(cmd))
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(self.cfg.threads)}
         started = time.monotonic()
         with open(self.work / "positive_train.log", "w") as f:
-            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
+            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"genarm-train failed; see {self.work / 'positive_train.log'}")
         (self.work / "positive_train.json").write_text(json.dumps(

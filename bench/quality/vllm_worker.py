@@ -28,7 +28,8 @@ SEED_STRIDE = 100
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_engine_job(job: dict[str, Any], workdir: Path, name: str, nice: int = 0, timeout: float = 7200) -> dict[str, Any]:
+def run_engine_job(job: dict[str, Any], workdir: Path, name: str, nice: int = 0, timeout: float = 7200,
+                   threads: int | None = None) -> dict[str, Any]:
     """Run `job` in a child process (optionally niced); returns its result (cached by file)."""
     workdir.mkdir(parents=True, exist_ok=True)
     job_file, result_file = workdir / f"{name}.job.json", workdir / f"{name}.result.json"
@@ -41,6 +42,8 @@ def run_engine_job(job: dict[str, Any], workdir: Path, name: str, nice: int = 0,
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # vLLM's CPU worker keeps this many torch threads
     cmd = [sys.executable, "-m", "bench.quality.vllm_worker", str(job_file), str(result_file)]
     if nice:
         cmd = ["nice", "-n", str(nice), *cmd]
