@@ -16,8 +16,11 @@ def main(argv: list[str] | None = None) -> None:
 
             config.model = default_model()
         from server.adapters import resolve_arms
+        from server.model_fetch import resolve_model_ref
 
-        config.model.arms = resolve_arms(config.model.base, config.model.arms)
+        model = config.model
+        model.base = resolve_model_ref(model.base)
+        model.arms = resolve_arms(model.base, {name: resolve_model_ref(p) for name, p in model.arms.items()})
         from server import vllm_glue
 
         vllm_glue.run_openai_server(config)

@@ -10,6 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -17,7 +18,20 @@ SPECIAL_TOKEN_ATTRS = ("bos_token", "eos_token", "unk_token")
 
 
 class SetupError(ValueError):
-    """A configuration problem found at start-up; its message is one line for the user."""
+    """Configuration problems found at start-up; its message is one line per problem."""
+
+
+def _collect(checks: dict[str, Any]) -> dict[str, Any]:
+    """Run every check (name -> zero-argument callable); raise one SetupError listing all failures."""
+    results, problems = {}, []
+    for name, check in checks.items():
+        try:
+            results[name] = check()
+        except SetupError as err:
+            problems.append(str(err))
+    if problems:
+        raise SetupError("\n".join(problems))
+    return results
 
 
 @dataclass(frozen=True)
@@ -89,13 +103,16 @@ def check_shared_tokenizer(
     arm_paths: dict[str, Path],
     vocab_size: int,
 ) -> None:
+    problems = []
     for name, tokenizer in arms.items():
         difference = describe_tokenizer_difference(base_tokenizer, tokenizer, vocab_size)
         if difference is not None:
-            raise SetupError(
+            problems.append(
                 f"ARM {name!r} ({arm_paths[name]}) does not share the base model's tokenizer: "
                 f"{difference}"
             )
+    if problems:
+        raise SetupError("\n".join(problems))
 
 
 def fused_vocab_size(tokenizer: PreTrainedTokenizerBase, folders: list[ModelFolder]) -> int:
@@ -133,11 +150,15 @@ def check_fusion_setup(
     """All start-up checks for a base + ARMs; raises SetupError with one line on the first problem."""
     if not arm_paths:
         raise SetupError("at least one ARM is needed (--arm NAME=PATH)")
-    base = check_model_folder("base", base_path, require_weights)
-    arms = {
-        name: check_model_folder(f"ARM {name!r}", path, require_weights)
-        for name, path in arm_paths.items()
-    }
+    folders = _collect(
+        {"": lambda: check_model_folder("base", base_path, require_weights)}  # ARM names are never empty
+        | {
+            name: (lambda n=name, p=path: check_model_folder(f"ARM {n!r}", p, require_weights))
+            for name, path in arm_paths.items()
+        }
+    )
+    base = folders.pop("")
+    arms = folders
     base_tokenizer = load_tokenizer(base.path)
     vocab_size = fused_vocab_size(base_tokenizer, [base, *arms.values()])
     check_shared_tokenizer(

@@ -318,6 +318,28 @@ def fetch_model(name: str, cache_dir: str | Path | None = None, progress: bool =
     return convert_gguf(gguf, out, progress=progress, source=source)
 
 
+def resolve_model_ref(ref: str) -> str:
+    """A local folder for a model reference: a folder as is, a name above (fetched once), or a
+    Hugging Face hub id (downloaded, where a hub is reachable). Errors are one line."""
+    from server.compat import SetupError
+
+    if Path(ref).expanduser().is_dir():
+        return ref
+    if ref in KNOWN_MODELS:
+        try:
+            return str(fetch_model(ref))
+        except FetchError as err:
+            raise SetupError(f"cannot fetch {ref}: {err}") from None
+    if ref.count("/") == 1 and not ref.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"])
+        except Exception as err:  # noqa: BLE001 - any hub failure is one line for the user
+            raise SetupError(f"{ref}: not a folder here, and the hub download failed: {str(err).splitlines()[0]}") from None
+    raise SetupError(f"model {ref!r} is not a folder, a known name ({', '.join(KNOWN_MODELS)}) or a hub id")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m server.model_fetch",

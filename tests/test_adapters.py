@@ -64,3 +64,16 @@ def test_adapter_of_a_missing_base_falls_back_to_the_serving_base(
 
     with pytest.raises(SetupError, match="cannot merge"):
         resolve_arms(str(tiny_family["llama-base"]), {"harmless": str(adapter)})
+
+
+def test_model_references_resolve_or_fail_in_one_line(tiny_family: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.compat import SetupError
+    from server.model_fetch import resolve_model_ref
+
+    assert resolve_model_ref(str(tiny_family["llama-base"])) == str(tiny_family["llama-base"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SetupError, match="hub download failed") as err:
+        resolve_model_ref("no-such-org/no-such-model")
+    assert "\n" not in str(err.value)
+    with pytest.raises(SetupError, match="not a folder, a known name"):
+        resolve_model_ref("./missing/folder")

@@ -147,3 +147,10 @@ def test_missing_files_are_refused(tiny_family: dict[str, Path], tmp_path: Path)
         check_fusion_setup(tiny_family["llama-base"], {"harmless": tmp_path / "empty"})
     with pytest.raises(SetupError, match="at least one ARM"):
         check_fusion_setup(tiny_family["llama-base"], {})
+
+
+def test_every_start_up_problem_gets_its_own_line(tiny_family: dict[str, Path], foreign_arm: Path, tmp_path: Path) -> None:
+    with pytest.raises(SetupError) as err:
+        check_fusion_setup(tiny_family["llama-base"], {"a": tmp_path / "missing-a", "b": tmp_path / "missing-b"})
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2 and "'a'" in lines[0] and "'b'" in lines[1]
