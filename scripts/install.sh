@@ -25,7 +25,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then 
 echo "[install] $venv: genarm-serve with vLLM for $target (a few minutes the first time)" >&2
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip >/dev/null
-"$venv/bin/pip" install -q -e ".[$target,train,test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+"$venv/bin/pip" install -q -e ".[$target,train,test,quality]" 2>&1 | { grep -v "^WARNING: Location" || true; }
 
 if [ "$target" = cpu ]; then
   # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm` beside the

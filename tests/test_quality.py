@@ -161,7 +161,7 @@ class _StubEmbedder:
     def weights_sha256(self) -> str:
         return "stub"
 
-    def __call__(self, texts, cache: bool = True) -> np.ndarray:
+    def __call__(self, texts, cache: bool = True, store: bool | None = None) -> np.ndarray:
         for t in texts:
             if t not in self.vectors:
                 v = self.rng.normal(size=8).astype(np.float32)

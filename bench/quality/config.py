@@ -12,7 +12,8 @@ import yaml
 
 @dataclass
 class ArgsSettings:
-    weight: float = 1.0  # w in base_logprob + w * r_judge
+    weight: float = 1.0  # w in base_logprob + w * r_judge (results key "args")
+    extra_weights: list[float] = field(default_factory=list)  # more ARGS runs ("args_w<w>")
     top_k: int = 10
     n_prompts: int | None = None  # None: all evaluation prompts
     batch_size: int = 25
@@ -41,6 +42,8 @@ class PositiveSettings:
         "--max-length", "192", "--max-prompt-length", "128", "--batch-size", "16", "--per-device-batch-size", "8",
         "--epochs", "1", "--no-bf16", "--logging-steps", "1", "--save-steps", "1000", "--eval-steps", "1000",
         "--no-progress",
+        # Every prompt here is on the TRAIN side of the harmless split (seed 0): another seed holds 10% out.
+        "--split-seed", "1",
     ])
 
 
@@ -64,6 +67,7 @@ class ExperimentConfig:
     seed: int = 20251125
     genarm_weights: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
     greedy_weights: list[float] = field(default_factory=lambda: [0.0, 1.0])  # 0 = base greedy
+    temperature_controls: list[float] = field(default_factory=list)  # base sampled at these temperatures too
     check_zero_weight: bool = False  # also sample GenARM w=0 in the guided engine (must equal the base)
     best_of: list[int] = field(default_factory=lambda: [4, 16])
     arm_alone: bool = True
@@ -121,7 +125,7 @@ def smoke_config(tiny: dict[str, Path], workdir: Path) -> ExperimentConfig:
         positive=PositiveSettings(train_prompts=48, temperature=1.0, min_gap=0.0, train_args=[
             "--max-length", "96", "--max-prompt-length", "64", "--batch-size", "8", "--per-device-batch-size", "8",
             "--max-steps", "2", "--learning-rate", "1e-2", "--no-bf16", "--logging-steps", "1", "--save-steps", "1000",
-            "--eval-steps", "1000", "--no-progress", "--no-plot",
+            "--eval-steps", "1000", "--no-progress", "--no-plot", "--split-seed", "1", "--heldout-fraction", "0.3",
         ]),
         multi=MultiSettings(grid={"harmless": [0.0, 1.0], "positive": [0.0, 2.0]}, n_prompts=4),
         engine_args={"dtype": "float32", "max_model_len": 512, "max_num_seqs": 16, "max_num_batched_tokens": 2048,

@@ -64,7 +64,10 @@ class Embedder:
             data = np.load(path, allow_pickle=True)
             self.cache.update(zip(data["texts"].tolist(), data["vectors"], strict=True))
 
-    def __call__(self, texts: Sequence[str], cache: bool = True) -> np.ndarray:
+    def __call__(self, texts: Sequence[str], cache: bool = True, store: bool | None = None) -> np.ndarray:
+        """Embeddings of texts. cache=False embeds every text afresh (for timing, or one-off texts);
+        store (default: cache) keeps the new vectors for later calls."""
+        store = cache if store is None else store
         missing = list(dict.fromkeys(t for t in texts if not (cache and t in self.cache)))
         if missing:
             started = time.monotonic()
@@ -73,9 +76,10 @@ class Embedder:
             self.seconds += time.monotonic() - started
             self.texts_embedded += len(missing)
             fresh = dict(zip(missing, vectors.astype(np.float32), strict=True))
+            if store:
+                self.cache.update(fresh)
             if not cache:
                 return np.stack([fresh[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
-            self.cache.update(fresh)
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         return np.stack([self.cache[t] for t in texts])
@@ -121,8 +125,9 @@ class RewardJudge:
     meta: dict[str, Any] = field(default_factory=dict)
     embedder: Embedder | None = None
 
-    def score(self, users: Sequence[str], responses: Sequence[str], cache: bool = True) -> np.ndarray:
-        """Rewards of responses (one per user turn); cache=False for one-off texts (ARGS prefixes)."""
+    def score(self, users: Sequence[str], responses: Sequence[str], cache: bool = True,
+              store: bool | None = None) -> np.ndarray:
+        """Rewards of responses (one per user turn); cache=False embeds afresh (ARGS prefixes, timing)."""
         assert self.embedder is not None, "attach an Embedder first"
         if len(users) != len(responses):
             raise ValueError("one user turn per response is needed")
@@ -130,11 +135,12 @@ class RewardJudge:
             return np.zeros(0, np.float32)
         e_resp = e_user = e_concat = None
         if self.feature in ("resp", "resp+inter"):
-            e_resp = self.embedder(list(responses), cache=cache)
+            e_resp = self.embedder(list(responses), cache=cache, store=store)
         if self.feature == "resp+inter":
             e_user = self.embedder(list(users))
         if self.feature == "concat":
-            e_concat = self.embedder([concat_text(u, r) for u, r in zip(users, responses, strict=True)], cache=cache)
+            e_concat = self.embedder([concat_text(u, r) for u, r in zip(users, responses, strict=True)], cache=cache,
+                                     store=store)
         return features(self.feature, e_resp, e_user, e_concat) @ self.w
 
     def save(self, path: str | Path) -> Path:
@@ -211,6 +217,23 @@ def train_reward_judge(
         "fit_seconds": round(time.monotonic() - started, 1),
     }
     return RewardJudge(kind, w, meta, embedder)
+
+
+def split_half_judges(judge: RewardJudge, train_pairs: Sequence[Any], heldout_pairs: Sequence[Any],
+                      seed: int = 1) -> tuple[RewardJudge, RewardJudge]:
+    """Two judges with the main judge's feature map and C, fitted on disjoint random halves of the
+    train pairs: one can select (best-of-N) while the other scores, independently of the selection."""
+    assert judge.embedder is not None
+    order = np.random.default_rng(seed).permutation(len(train_pairs))
+    halves = [order[: len(order) // 2], order[len(order) // 2:]]
+    out = []
+    for name, half in zip("AB", halves, strict=True):
+        pairs = [train_pairs[i] for i in half]
+        w = _fit(_pair_diffs(judge.feature, judge.embedder, pairs), judge.meta["C"])
+        acc = _pair_accuracy(w, _pair_diffs(judge.feature, judge.embedder, heldout_pairs)) if heldout_pairs else None
+        out.append(RewardJudge(judge.feature, w, {"half": name, "train_pairs": len(pairs), "heldout_accuracy": acc,
+                                                  "C": judge.meta["C"]}, judge.embedder))
+    return out[0], out[1]
 
 
 # ------------------------------------------------------------------------------ packaged judges

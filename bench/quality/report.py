@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-MAIN_ORDER = ("base", "base_greedy", "genarm", "best_of", "args", "arm_alone")
+MAIN_ORDER = ("base", "base_greedy", "base_t", "genarm", "best_of", "args", "arm_alone")
 
 
 @dataclass
@@ -29,6 +29,7 @@ class Method:
     weights: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, np.ndarray] = field(default_factory=dict)
+    pool: list[list[str]] | None = None  # best-of-N: every sample's text, per prompt
 
 
 def _load(path: Path) -> dict | None:
@@ -65,6 +66,9 @@ def collect_methods(exp: Any) -> dict[str, Method]:
         add_task(tasks["base"], "vLLM (plain)", decoding=sampled)
         if "base_greedy" in tasks:
             add_task(tasks["base_greedy"], "vLLM (plain)", decoding="greedy")
+        for name, task in tasks.items():
+            if name.startswith("base_t"):
+                add_task(task, "vLLM (plain)", decoding=f"sampled T={name.removeprefix('base_t')} (control)")
         timing_file = exp.work / "best_of_scoring.json"
         timing = _load(timing_file) or {}
         for size in cfg.best_of:
@@ -75,7 +79,7 @@ def collect_methods(exp: Any) -> dict[str, Method]:
             flat_texts = [s["text"] for per in pool["samples"] for s in per]
             t0 = time.monotonic()
             # Not from the embedding cache: the judge's scoring time is part of best-of-N's cost.
-            scores = exp.judge().score(flat_users, flat_texts, cache=False)
+            scores = exp.judge().score(flat_users, flat_texts, cache=False, store=True)
             if str(size) not in timing:
                 timing[str(size)] = time.monotonic() - t0
                 timing_file.write_text(json.dumps(timing))
@@ -88,6 +92,7 @@ def collect_methods(exp: Any) -> dict[str, Method]:
                        decoding=f"{size} samples ({sampled}), best by the judge RM")
             m.extra = {"generation_s": pool["wall_s"], "judge_scoring_s": timing[str(size)],
                        "pool_mean_judge_reward": float(scores.mean()), "picked_sample": pick.tolist()}
+            m.pool = [[s["text"] for s in per] for per in pool["samples"]]
             methods[m.name] = m
     guided = _load(jobs / "guided.result.json")
     if guided:
@@ -103,17 +108,17 @@ def collect_methods(exp: Any) -> dict[str, Method]:
     if args:
         for name, run in args["runs"].items():
             k = len(run["token_ids"])
-            if name == "args":
-                label = f"greedy ARGS, top-{args['settings']['top_k']}, w={args['settings']['weight']:g}"
+            if name.startswith("args"):
+                label = f"greedy ARGS, top-{args['settings']['top_k']}, w={run.get('weight', args['settings']['weight']):g}"
                 table = "main"
             else:
                 label = "greedy"
                 table = "reference"
             m = Method(name, list(range(k)), run["token_ids"], run["texts"], run.get("finish_reasons") or [],
                        run["wall_s"], sum(len(t) for t in run["token_ids"]),
-                       "transformers reference decoder (fp32)" + (" + judge RM" if name == "args" else ""),
+                       "transformers reference decoder (fp32)" + (" + judge RM" if name.startswith("args") else ""),
                        decoding=label, table=table)
-            if name == "args":
+            if name.startswith("args"):
                 m.extra = {"lm_s": run["lm_s"], "judge_s": run["judge_s"], "judge_calls": run["judge_calls"]}
             methods[name] = m
     multi = _load(jobs / "multi.result.json")
@@ -232,7 +237,8 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
 def _order(names: list[str]) -> list[str]:
     def key(name: str) -> tuple:
         for rank, prefix in enumerate(MAIN_ORDER):
-            if name == prefix or name.startswith(prefix + "_") or (prefix == "genarm" and name.startswith("genarm")):
+            if name == prefix or (prefix != "base" and name.startswith(prefix + "_")) or (
+                    prefix in ("genarm", "base_t") and name.startswith(prefix)):
                 greedy = name.endswith("_greedy")
                 try:
                     num = float(name.split("_w")[-1].removesuffix("_greedy")) if name.startswith("genarm") else (
@@ -276,7 +282,7 @@ def markdown(results: dict[str, Any], setup: dict[str, Any]) -> str:
                   f"{setup['config']['args']['batch_size']}), for a like-for-like cost comparison with ARGS:", "",
                   "| method | n | judge RM reward | win rate vs base greedy | base log-prob/token | tokens/s | wall s |",
                   "|---|---|---|---|---|---|---|"]
-        for name in [*ref_rows, *(["args"] if "args" in results else [])]:
+        for name in [*ref_rows, *_order([k for k in results if k.startswith("args")])]:
             r = results[name]
             lines.append(f"| `{name}` | {r['n_prompts']} | {_fmt(r['judge_reward'])} ± {_fmt(r['judge_reward_se'])} "
                          f"| {_fmt(r.get('win_rate_vs_base_greedy'), '.2f')} | {_fmt(r['base_logprob_per_token'], '.2f')} "
@@ -291,6 +297,16 @@ def markdown(results: dict[str, Any], setup: dict[str, Any]) -> str:
             lines.append(f"| {w} | {_fmt(point['judge_reward'])} ± {_fmt(point['judge_reward_se'])} "
                          f"| {_fmt(point['sentiment'])} ± {_fmt(point['sentiment_se'])} | {_fmt(point['profanity'])} "
                          f"| {_fmt(point['base_logprob_per_token'], '.2f')} | {_fmt(point.get('win_rate_vs_base'), '.2f')} |")
+    cj = results.get("cross_judge")
+    if cj:
+        lines += ["", "Robustness (best-of-N and ARGS optimise the judge that scores them): judge B, fitted on half "
+                  f"of the train split (held-out accuracy {_fmt(cj['judge_b']['heldout_accuracy'])}), scores every "
+                  "method; best-of-N re-picked by judge A, fitted on the other half "
+                  f"(held-out accuracy {_fmt(cj['judge_a']['heldout_accuracy'])}):", "",
+                  "| method | n | judge B reward | win rate vs base (judge B) |", "|---|---|---|---|"]
+        for name, r in cj["rows"].items():
+            lines.append(f"| `{name}` | {r['n_prompts']} | {_fmt(r['judge_b_reward'])} "
+                         f"| {_fmt(r.get('win_rate_vs_base_judge_b'), '.2f')} |")
     lines += ["", "± is one standard error over prompts. tokens/s = response tokens delivered per second of wall "
               "time for the whole batch (best-of-N: the N samples' generation plus judge scoring); vLLM rows and "
               "reference-decoder rows are different engines: compare cost within one table.", ""]
@@ -355,6 +371,46 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
     return written
 
 
+def cross_judge(exp: Any, methods: dict[str, Method]) -> dict[str, Any]:
+    """Robustness: best-of-N and ARGS optimise the judge they are scored by. Two judges fitted on
+    disjoint halves of the train split: best-of-N picks with judge A, every method is scored by B."""
+    from bench.quality.judges import split_half_judges
+    from bench.quality.methods import select_best_of_n
+
+    train = exp.split.train
+    if exp.cfg.judge.max_train_pairs:
+        train = train[: exp.cfg.judge.max_train_pairs]
+    judge_a, judge_b = split_half_judges(exp.judge(), train, exp.split.heldout)
+    users = [p.last_user for p in exp.eval_prompts()]
+    rows: dict[str, Any] = {}
+    base = methods.get("base")
+    base_b = judge_b.score([users[i] for i in base.idx], base.texts) if base else None
+
+    def row(name: str, idx: list[int], rewards: np.ndarray) -> None:
+        entry: dict[str, Any] = {"judge_b_reward": float(rewards.mean()), "n_prompts": len(idx)}
+        if base_b is not None:
+            ref = np.array([base_b[i] for i in idx])
+            entry["win_rate_vs_base_judge_b"] = float(np.mean((rewards > ref) + 0.5 * (rewards == ref)))
+            entry["base_judge_b_reward_same_prompts"] = float(ref.mean())
+        rows[name] = entry
+
+    for name, m in methods.items():
+        if m.table != "main":
+            continue
+        if m.pool is not None:
+            flat_u = [users[b] for b, per in enumerate(m.pool) for _ in per]
+            flat_t = [t for per in m.pool for t in per]
+            size = len(m.pool[0])
+            pick = select_best_of_n(judge_a.score(flat_u, flat_t).reshape(len(m.pool), size), size)
+            texts = [m.pool[b][int(k)] for b, k in enumerate(pick)]
+            row(f"{name} (picked by judge A)", m.idx, judge_b.score([users[i] for i in m.idx], texts))
+        row(name, m.idx, judge_b.score([users[i] for i in m.idx], m.texts))
+    exp.save_embeddings()
+    return {"judge_a": judge_a.meta, "judge_b": judge_b.meta, "rows": rows,
+            "what": "judge A and judge B: the judge RM's feature map and C, refitted on two disjoint random halves "
+                    "of the train split; 'picked by judge A' rows select best-of-N with A, every row is scored by B"}
+
+
 def build_report(exp: Any) -> dict[str, Any]:
     from bench.quality.run import log
 
@@ -373,6 +429,7 @@ def build_report(exp: Any) -> dict[str, Any]:
             "n_prompts": len(multi[0].idx), "engine": multi[0].engine,
             "points": [{"name": m.name, "weights": m.weights} | summarize(m, methods) for m in multi],
         }
+    results["cross_judge"] = cross_judge(exp, methods)
     w2s = exp.work / "weak_to_strong.json"
     results["weak_to_strong"] = _load(w2s) or {"status": "not run"}
     setup = exp.setup_record()

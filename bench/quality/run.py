@@ -267,6 +267,7 @@ class Experiment:
         base_tasks = [self.task("base", prompts)]
         if 0.0 in cfg.greedy_weights:
             base_tasks.append(self.task("base_greedy", prompts, temperature=0.0))
+        base_tasks += [self.task(f"base_t{wkey(t)}", prompts, temperature=t) for t in cfg.temperature_controls]
         base_tasks += [self.task(f"pool_{n}", prompts, n=n) for n in cfg.best_of]
         self.engine_job("base", self.base_path(), None, base_tasks)
         arms = {name: self.arm_path(name) for name in cfg.arms}
@@ -290,7 +291,8 @@ class Experiment:
         cfg = self.cfg
         out_file = self.work / "args.json"
         prompts = self.eval_prompts(cfg.args.n_prompts)
-        wanted = {"weight": cfg.args.weight, "top_k": cfg.args.top_k, "n_prompts": len(prompts),
+        wanted = {"weight": cfg.args.weight, "extra_weights": list(cfg.args.extra_weights),
+                  "top_k": cfg.args.top_k, "n_prompts": len(prompts),
                   "max_tokens": cfg.max_new_tokens, "batch_size": cfg.args.batch_size,
                   "judge": self.judge().meta.get("settings")}
         if out_file.is_file() and json.loads(out_file.read_text()).get("settings") == wanted:
@@ -301,11 +303,14 @@ class Experiment:
         ids = [p.prompt_ids for p in prompts]
         users = [p.last_user for p in prompts]
         results: dict[str, Any] = {"settings": wanted, "loadavg_before": os.getloadavg(), "runs": {}}
-        log(f"ARGS: {len(prompts)} prompts, top-{cfg.args.top_k}, w={cfg.args.weight} (reference decoder)")
-        run = args_decode(model, tokenizer, ids, users, lambda u, t: judge.score(u, t, cache=False),
-                          cfg.args.weight, cfg.args.top_k, cfg.max_new_tokens, cfg.args.batch_size)
-        results["runs"]["args"] = run.__dict__
-        log(f"ARGS: {run.wall_s:.0f} s (LM {run.lm_s:.0f} s, judge {run.judge_s:.0f} s, {run.judge_calls} judge calls)")
+        for i, w in enumerate([cfg.args.weight, *cfg.args.extra_weights]):
+            name = "args" if i == 0 else f"args_w{wkey(w)}"
+            log(f"{name}: {len(prompts)} prompts, top-{cfg.args.top_k}, w={w} (reference decoder)")
+            run = args_decode(model, tokenizer, ids, users, lambda u, t: judge.score(u, t, cache=False),
+                              w, cfg.args.top_k, cfg.max_new_tokens, cfg.args.batch_size)
+            results["runs"][name] = run.__dict__ | {"weight": w}
+            log(f"{name}: {run.wall_s:.0f} s (LM {run.lm_s:.0f} s, judge {run.judge_s:.0f} s, "
+                f"{run.judge_calls} judge calls)")
         zero = args_decode(model, tokenizer, ids, users, lambda u, t: np.zeros(len(t)), 0.0, 1,
                            cfg.max_new_tokens, cfg.args.batch_size)
         results["runs"]["base_greedy_reference"] = zero.__dict__
