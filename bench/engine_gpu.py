@@ -338,7 +338,7 @@ def speed(out: Path, pairs: list[str], smoke: bool, only: list[str] | None) -> N
 def reference_speed(out: Path, pairs: list[str], smoke: bool) -> None:
     """The research-code style baseline: transformers, one KV cache per model, batch 1 and 32."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     root = Path(os.environ.get("GENARM_BENCH_MODELS", "/tmp/genarm-bench-models")) / "speed"
     vocab = 512 if smoke else SPEED_VOCAB

@@ -159,8 +159,7 @@ def _benchmark_data(model: Path, cfg, limit: int):
     import datasets
 
     from rm_training.pipeline import load_training_tokenizer
-    from rm_training.preference_data import (BadRecord, PairEncoder, adapt, heldout_score, read_records,
-                                             to_dataset)
+    from rm_training.preference_data import BadRecord, PairEncoder, adapt, heldout_score, read_records, to_dataset
 
     tokenizer = load_training_tokenizer(str(model))
     encoder = PairEncoder(tokenizer, cfg.max_length, cfg.max_prompt_length)

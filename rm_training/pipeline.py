@@ -235,9 +235,8 @@ def known_model_name(folder: str | None) -> str | None:
 
 
 def _arm_info(cfg: TrainConfig, tokenizer, data: PreparedData, metrics: dict[str, Any]) -> dict[str, Any]:
-    from server.compat import tokenizer_fingerprint
-
     from rm_training.export import package_versions
+    from server.compat import tokenizer_fingerprint
 
     info: dict[str, Any] = {
         "dimension": cfg.dimension,

@@ -35,7 +35,6 @@ from server.compat import SetupError
 from server.fusion import fused_logprobs
 from server.guidance import GuidanceSpec
 
-
 ARCHITECTURE = "GenARMForCausalLM"
 HF_CONFIG_KEY = "genarm"  # where the guidance spec rides in the base's (overridden) hf_config
 WEIGHTS_PROCESSOR = f"{__name__}:GenARMWeights"  # as vLLM's --logits-processors names it

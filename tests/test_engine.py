@@ -16,8 +16,8 @@ from server.compat import SetupError
 from server.engine import GuidedModelConfig, guided_engine_args, guided_llm, weights_extra_args
 from server.fusion import WeightError
 from server.reference import ReferenceGuidedGenerator, SamplingOptions
-from tests.vllm_child import generate_in_child
 from tests.tiny_family import corpus_lines
+from tests.vllm_child import generate_in_child
 
 ENGINE_ARGS = dict(
     dtype="float32",

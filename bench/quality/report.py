@@ -47,7 +47,6 @@ def collect_methods(exp: Any) -> dict[str, Method]:
 
     cfg = exp.cfg
     prompts = exp.eval_prompts()
-    n = len(prompts)
     users = [p.last_user for p in prompts]
     jobs = exp.work / "jobs"
     sampled = f"sampled T={cfg.temperature:g}"
