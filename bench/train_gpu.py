@@ -213,14 +213,14 @@ class StepTimer:
             torch.cuda.synchronize()
 
 
-def throughput(model: Path, base_cfg, smoke: bool) -> dict:
+def throughput(model: Path, base_cfg, smoke: bool, warmup_and_steps: tuple[int, int] | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
     from trl import DPOTrainer
 
     from rm_training.trainer import build_trainer, dpo_config, lora_config
 
-    warmup, steps = (1, 2) if smoke else (5, 30)
+    warmup, steps = warmup_and_steps or ((1, 2) if smoke else (5, 30))
     cfg = dataclasses.replace(base_cfg, max_steps=warmup + steps, save_steps=10**6, eval_steps=None,
                               logging_steps=10**6, progress=False).resolve()
     batch = cfg.batch_size
@@ -283,12 +283,12 @@ def markdown(report: dict, env: dict) -> str:
     lines = [
         "# ARM training throughput: ours (reference-free) vs TRL's reference-based DPO",
         "",
-        f"GPU: {env.get('gpu', 'cpu')}; torch {env['torch']}, transformers {env['transformers']}, trl {env['trl']}, "
+        f"Device: {env.get('gpu', 'CPU')}; torch {env['torch']}, transformers {env['transformers']}, trl {env['trl']}, "
         f"peft {env['peft']}. Model {Path(report['model']).name}, {report['mode']}, batch {report['batch_pairs']} pairs, "
         f"bf16 {report['bf16']}, {report['variants']['ours_reference_free']['timed_steps']} timed steps after "
         f"{report['warmup_steps_untimed']} warm-up steps; one run each.",
         "",
-        "| trainer | reference log-probs | pairs/s | ms/step | peak GPU GiB | ours / this |",
+        "| trainer | reference log-probs | pairs/s | ms/step | peak GPU GiB | ours / this (speed-up) |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for name, row in report["variants"].items():
@@ -296,6 +296,27 @@ def markdown(report: dict, env: dict) -> str:
         lines.append(f"| {name} | {row['reference']} | {row['pairs_per_s']:.1f} | {row['step_s'] * 1000:.0f} | "
                      f"{mem} | {row['speedup_of_ours']:.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+def throughput_only(args) -> int:
+    """The trainer comparison alone, on any machine (e.g. the CPU one, at a smaller scale)."""
+    from rm_training.config import TrainConfig
+
+    out = Path(args.out or os.environ.get("OUT") or "artifacts").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    cfg = TrainConfig(model=args.model, data="builtin:hh-rlhf", dimension="harmless", out=str(WORK / "unused"),
+                      mode="lora", batch_size=args.batch, per_device_batch_size=args.batch,
+                      max_length=args.max_length, max_prompt_length=args.max_length // 2, progress=False)
+    report = throughput(Path(args.model), cfg, False, (args.warmup, args.steps))
+    report["environment"] = env
+    report["command"] = "python bench/train_gpu.py " + " ".join(sys.argv[1:])
+    (out / "train_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report, env)
+    (out / "train_throughput.md").write_text(table)
+    print(table)
+    return 0
 
 
 def run(args) -> int:
@@ -356,7 +377,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="dry run: a few steps on a few pairs (with a tiny random model unless --parts/--model)")
     p.add_argument("--out", help="output folder (default $OUT, else ./artifacts)")
     p.add_argument("--epochs", type=float, default=1.0, help="epochs over the train split (official: 1)")
+    p = sub.add_parser("throughput", help="only the trainer comparison, on an HF folder (any machine)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps")
+    p.add_argument("--steps", type=int, default=3, help="timed steps")
+    p.add_argument("--out", help="output folder (default $OUT, else ./artifacts)")
     args = parser.parse_args(argv)
+    if args.verb == "throughput":
+        return throughput_only(args)
     if args.verb == "split":
         split_gguf(Path(args.gguf), Path(args.dir_a), Path(args.dir_b))
         return 0
