@@ -11,8 +11,9 @@ JOB: {"engine": {"model": PATH, "arms": {name: PATH} | null, "engine_args": {...
 Prompt b of a task samples with seed `seed + SEED_STRIDE * b` (vLLM gives the i-th of n samples
 seed + i, so strides of SEED_STRIDE keep every sample's seed distinct). With prefix caching on, every
 distinct prompt is prefilled once first (untimed), so timings are of decoding with a warm prompt
-cache, the same for every task. Each task is one timed `LLM.generate` call; RESULT holds, per task, the samples (token ids, text, finish reason), the
-wall time and the number of generated tokens, plus the engine's start-up time.
+cache, the same for every task. Each task is one timed `LLM.generate` call; RESULT holds, per task,
+the samples (token ids, text, finish reason), the wall time and the number of generated tokens, plus
+the engine's start-up time.
 """
 
 from __future__ import annotations
