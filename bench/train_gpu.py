@@ -293,7 +293,7 @@ def markdown(report: dict, env: dict) -> str:
     ]
     for name, row in report["variants"].items():
         mem = "-" if row["peak_gpu_mem_gib"] is None else f"{row['peak_gpu_mem_gib']:.2f}"
-        lines.append(f"| {name} | {row['reference']} | {row['pairs_per_s']:.1f} | {row['step_s'] * 1000:.0f} | "
+        lines.append(f"| {name} | {row['reference']} | {row['pairs_per_s']:.3g} | {row['step_s'] * 1000:.0f} | "
                      f"{mem} | {row['speedup_of_ours']:.2f}x |")
     return "\n".join(lines) + "\n"
 
