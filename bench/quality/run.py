@@ -360,7 +360,7 @@ class Experiment:
         import torch
         import transformers
 
-        from bench.quality.judges import judge_versions
+        from bench.quality.judges import judge_versions, package_version
         from server.model_fetch import sha256_file
 
         def model_record(path: Path, source: Path | None = None) -> dict[str, Any]:
@@ -420,20 +420,11 @@ class Experiment:
             },
             "machine": {
                 "cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
-                "torch": torch.__version__, "transformers": transformers.__version__, "vllm": _version("vllm"),
+                "torch": torch.__version__, "transformers": transformers.__version__, "vllm": package_version("vllm"),
                 "note": "CPU only; a concurrent ARM training run may have shared the cores (see loadavg per job)",
             },
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-
-
-def _version(pkg: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(pkg)
-    except PackageNotFoundError:
-        return "missing"
 
 
 def _cpu_name() -> str:
