@@ -7,6 +7,7 @@ only place that knows *how* vLLM does it.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from transformers import AutoConfig
 
 from server.compat import FusionSetup, SetupError, check_fusion_setup
+from server.cpu_kv_cache import choose_kv_cache_bytes, kv_bytes_per_token, user_chose_size, weight_bytes
 from server.fusion import WeightError
 from server.guidance import GuidanceSpec
 
@@ -98,6 +100,8 @@ def guided_engine_args(
                 f"max_model_len {asked} exceeds the {limit} positions the smallest model supports"
             )
         args.setdefault("max_model_len", limit)
+    if not user_chose_size(args):
+        size_cpu_kv_cache(args, [setup.base.path, *(f.path for f in setup.arms.values())])
     spec = model.guidance()
     spec.arm_paths = [str(f.path.resolve()) for f in setup.arms.values()]
     spec.base_architectures = list(AutoConfig.from_pretrained(setup.base.path).architectures or [])
@@ -117,6 +121,24 @@ def guided_engine_args(
     vllm_glue.register()
     spec.publish()
     return args, setup
+
+
+def size_cpu_kv_cache(args: dict[str, Any], folders: list[Any]) -> None:
+    """On a CPU-only platform, set a KV-cache size that fits the free memory (GPU: vLLM sizes it)."""
+    from server import vllm_glue
+
+    free = vllm_glue.cpu_free_memory_bytes()
+    if free is None:
+        return
+    dtype = args.get("dtype")
+    workers = int(args.get("tensor_parallel_size") or 1) * int(args.get("data_parallel_size") or 1)
+    choice = choose_kv_cache_bytes(
+        free, weight_bytes(folders, dtype), kv_bytes_per_token(folders, dtype),
+        max_model_len=int(args.get("max_model_len") or 2048), max_num_seqs=int(args.get("max_num_seqs") or 256),
+        workers=workers,
+    )
+    args["kv_cache_memory_bytes"] = choice.bytes
+    print(f"genarm-serve: {choice.describe()}", file=sys.stderr, flush=True)
 
 
 def weights_extra_args(model: GuidedModelConfig, weights: Mapping[str, float] | None) -> dict[str, float]:

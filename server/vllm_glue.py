@@ -136,6 +136,18 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
+def cpu_free_memory_bytes() -> int | None:
+    """Memory free for the engine on a CPU-only platform, as vLLM's CPU worker counts it (the
+    first allowed core's NUMA node, clamped by a cgroup limit); None on other platforms."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
+
+    return int(get_memory_node_info(get_allowed_cpu_list()[0].numa_node).available_memory)
+
+
 def prepare_environment() -> None:
     """Settings the guided engine needs, applied before vLLM reads its environment.
 
@@ -421,7 +433,8 @@ def _vllm_server_parser() -> Any:
 _GUIDED_ENGINE_KEYS = (
     "hf_overrides", "logits_processors", "max_model_len", "load_format", "speculative_config",
     "pipeline_parallel_size", "enable_prompt_embeds", "served_model_name", "attention_backend",
-    "attention_config",
+    "attention_config", "kv_cache_memory_bytes", "dtype", "max_num_seqs", "tensor_parallel_size",
+    "data_parallel_size",
 )
 
 
@@ -437,6 +450,10 @@ def run_openai_server(serve_config: Any) -> None:
 
     args = _vllm_server_parser().parse_args(serve_config.vllm_argv())
     given = {key: getattr(args, key) for key in _GUIDED_ENGINE_KEYS if getattr(args, key, None) is not None}
+    # vLLM's parser fills in a default memory fraction; only one the user typed is a choice.
+    typed = {a.split("=")[0].replace("_", "-") for a in serve_config.vllm_argv()}
+    if "--gpu-memory-utilization" in typed:
+        given["gpu_memory_utilization"] = args.gpu_memory_utilization
     engine_args, _ = guided_engine_args(serve_config.model, given)
     for key, value in engine_args.items():
         setattr(args, key, value)

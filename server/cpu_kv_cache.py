@@ -1,0 +1,104 @@
+"""KV-cache size for the CPU engine when the user chose none.
+
+vLLM's CPU backend reserves `--gpu-memory-utilization` (0.92 by default) of the NUMA node's memory
+and refuses to start when that much is not free, which is the usual state of a shared or small
+machine (the page cache alone is enough). On the GPU vLLM sizes the cache itself; on the CPU
+genarm-serve picks a size that fits what is free now, says so in one line, and refuses in one line
+when even one full-length sequence cannot fit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig
+
+from server.compat import SetupError
+
+GIB = 1 << 30
+MIB = 1 << 20
+# What the engine needs beside weights and KV cache: torch and vLLM in the API-server and engine
+# processes, activations, torch.compile's workers (measured ~2 GiB RSS on the CPU build).
+RUNTIME_OVERHEAD_BYTES = int(2.5 * GIB)
+# Beyond this a larger cache buys nothing on a CPU machine (thousands of concurrent tokens).
+MAX_AUTO_BYTES = 4 * GIB
+# Leave the rest of what is spare to the machine's other work (and the page cache).
+SPARE_SHARE = 0.5
+DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+# How the user chooses a size themselves (any of these: we leave vLLM's sizing alone).
+USER_CHOICE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+USER_CHOICE_ARGS = ("kv_cache_memory_bytes", "gpu_memory_utilization")
+
+
+@dataclass(frozen=True)
+class KVCacheChoice:
+    bytes: int
+    free_bytes: int
+    weight_bytes: int
+    min_bytes: int
+
+    def describe(self) -> str:
+        return (
+            f"CPU KV cache {self.bytes / GIB:.2f} GiB, chosen from {self.free_bytes / GIB:.1f} GiB free "
+            f"(weights ~{self.weight_bytes / GIB:.2f} GiB); set {USER_CHOICE_ENV}=GiB or "
+            "--kv-cache-memory-bytes to choose"
+        )
+
+
+def user_chose_size(args: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> bool:
+    return bool(environ.get(USER_CHOICE_ENV, "").strip()) or any(
+        args.get(key) is not None for key in USER_CHOICE_ARGS
+    )
+
+
+def _itemsize(dtype: Any, config: Any) -> int:
+    name = str(dtype if dtype not in (None, "auto") else getattr(config, "torch_dtype", None) or "bfloat16")
+    return DTYPE_BYTES.get(name.replace("torch.", ""), 2)
+
+
+def kv_bytes_per_token(folders: Iterable[Path], dtype: Any) -> int:
+    """K and V of every attention layer of every model, for one token."""
+    total = 0
+    for folder in folders:
+        config = AutoConfig.from_pretrained(folder).get_text_config()
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        total += 2 * config.num_hidden_layers * kv_heads * head_dim * _itemsize(dtype, config)
+    return total
+
+
+def weight_bytes(folders: Iterable[Path], dtype: Any) -> int:
+    """Weights in memory: the files' sizes, scaled from the stored dtype to the one served."""
+    total = 0
+    for folder in folders:
+        config = AutoConfig.from_pretrained(folder).get_text_config()
+        files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
+        stored = _itemsize(None, config)
+        total += sum(f.stat().st_size for f in files) * _itemsize(dtype, config) // stored
+    return total
+
+
+def choose_kv_cache_bytes(
+    free_bytes: int, weights: int, per_token: int, max_model_len: int, max_num_seqs: int, workers: int = 1
+) -> KVCacheChoice:
+    """Half of what is spare after weights and runtime, within [one full sequence, useful, 4 GiB].
+
+    `workers`: engine processes on this machine (tensor x data parallel), each with its own cache."""
+    minimum = per_token * max_model_len
+    spare = (free_bytes - weights - RUNTIME_OVERHEAD_BYTES * workers) // workers
+    if spare < minimum:
+        raise SetupError(
+            f"not enough free memory for the CPU engine: {free_bytes / GIB:.1f} GiB free, the models need "
+            f"~{weights / GIB:.2f} GiB + ~{RUNTIME_OVERHEAD_BYTES * workers / GIB:.1f} GiB to run and "
+            f"{minimum / GIB:.2f} GiB of KV cache for one {max_model_len}-token sequence "
+            "(free memory, lower --max-model-len, or set VLLM_CPU_KVCACHE_SPACE)"
+        )
+    useful = per_token * max_model_len * max_num_seqs
+    chosen = max(minimum, min(int(spare * SPARE_SHARE), useful, MAX_AUTO_BYTES))
+    chosen = max(minimum, chosen // MIB * MIB)
+    return KVCacheChoice(bytes=chosen, free_bytes=free_bytes, weight_bytes=weights, min_bytes=minimum)
