@@ -2,7 +2,10 @@
 
 It talks to the same OpenAI API as any client (`/v1/models` for the reward dimensions, streaming
 `/v1/chat/completions` twice: once with `{"weights": {}}` for the base alone, once with the
-slider weights), so it works wherever the API works, API keys included.
+slider weights, both with the same seed and temperature so that any difference comes from
+guidance alone), so it works wherever the API works, API keys included. When both streams end,
+the page diffs them token by token (one streamed content delta = one token; longest common
+subsequence) and marks the guided tokens that depart from the base answer.
 """
 
 from __future__ import annotations

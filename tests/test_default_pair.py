@@ -4,7 +4,9 @@ merged), the examples run against it, and the playground works in a real headles
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -82,6 +84,11 @@ def test_examples_run_against_the_server(default_server: ServerProcess) -> None:
     assert '"alignment"' in curl.stdout and '"harmless": 2.0' in curl.stdout
 
 
+def js_json(weights: dict[str, float]) -> str:
+    """`JSON.stringify(weights)` as the page writes it (3.0 -> 3)."""
+    return json.dumps({k: int(v) if float(v).is_integer() else v for k, v in weights.items()}, separators=(",", ":"))
+
+
 def test_playground_in_headless_chromium(default_server: ServerProcess) -> None:
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
@@ -90,6 +97,9 @@ def test_playground_in_headless_chromium(default_server: ServerProcess) -> None:
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
+    card = httpx.get(default_server.url + "/v1/models", headers=AUTH, timeout=30).json()["data"][0]
+    dims = card["alignment"]["dimensions"]
+    assert dims
     chromium = shutil.which("chromium")
     driver_path = shutil.which("chromedriver")
     assert chromium and driver_path, "Debian's chromium and chromium-driver are needed (scripts/install.sh installs them)"
@@ -97,33 +107,81 @@ def test_playground_in_headless_chromium(default_server: ServerProcess) -> None:
     options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,900"):
+                 "--window-size=1280,760"):
         options.add_argument(flag)
     os.environ["SE_OFFLINE"] = "true"  # never let Selenium Manager fetch a driver
     browser = webdriver.Chrome(service=Service(driver_path), options=options)
+
+    def set_sliders(weight: float) -> dict[str, float]:
+        """Moves every reward dimension's slider to `weight` with the keyboard, like a user."""
+        for dim in dims:
+            slider = browser.find_element(By.ID, f"w-{dim}")
+            steps = round((weight - float(slider.get_attribute("min"))) / float(slider.get_attribute("step")))
+            slider.send_keys(Keys.HOME, *[Keys.ARROW_RIGHT] * steps)
+            assert float(slider.get_attribute("value")) == pytest.approx(weight)
+            assert browser.find_element(By.ID, f"o-{dim}").text == slider.get_attribute("value")
+        return {dim: weight for dim in dims}
+
+    def generate() -> tuple[str, str]:
+        browser.find_element(By.ID, "run").click()
+        WebDriverWait(browser, 600).until(
+            lambda b: all(b.find_element(By.ID, i).get_attribute("data-done") == "true"
+                          for i in ("base-answer", "guided-answer", "diff"))
+        )
+        assert browser.find_element(By.ID, "status").text == ""
+        base = browser.find_element(By.ID, "base-answer").text
+        guided = browser.find_element(By.ID, "guided-answer").text
+        assert base.strip() and guided.strip()
+        for side in ("base", "guided"):  # e.g. "40 tokens in 3.2 s: 12.5 tok/s"
+            speed = browser.find_element(By.ID, f"{side}-speed").text
+            match = re.fullmatch(r"(\d+) tokens in \d+\.\d s: (\d+\.\d) tok/s", speed)
+            assert match and int(match[1]) > 0 and float(match[2]) > 0, speed
+        return base, guided
+
+    def marks(selector: str) -> list[object]:
+        return browser.find_elements(By.CSS_SELECTOR, selector)
+
     try:
         browser.get(default_server.url + "/")
         key_box = browser.find_element(By.ID, "api-key")
         key_box.send_keys(API_KEY, Keys.TAB)  # the page lists models again with the key
-        slider = WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "w-harmless"))
+        WebDriverWait(browser, 60).until(lambda b: all(b.find_elements(By.ID, f"w-{dim}") for dim in dims))
+        # Both requests share one seed and one temperature: only guidance can tell them apart.
+        assert browser.find_element(By.ID, "seed").get_attribute("value") == "1"
+        assert float(browser.find_element(By.ID, "temperature").get_attribute("value")) > 0
         prompt = browser.find_element(By.ID, "prompt")
         prompt.clear()
         prompt.send_keys(PROMPTS[0])
         browser.find_element(By.ID, "max-tokens").clear()
         browser.find_element(By.ID, "max-tokens").send_keys("40")
-        start = float(slider.get_attribute("value"))
-        slider.click()
-        slider.send_keys(Keys.HOME, *[Keys.ARROW_RIGHT] * 30)  # move the slider to 3.0
-        assert float(slider.get_attribute("value")) == pytest.approx(3.0) != start
-        browser.find_element(By.ID, "run").click()
-        WebDriverWait(browser, 600).until(
-            lambda b: all(b.find_element(By.ID, i).get_attribute("data-done") == "true" for i in ("base-answer", "guided-answer"))
-        )
-        base = browser.find_element(By.ID, "base-answer").text
-        guided = browser.find_element(By.ID, "guided-answer").text
-        assert base.strip() and guided.strip()
-        assert browser.find_element(By.ID, "base-weights").text == 'weights used: {"harmless":0}'
-        assert browser.find_element(By.ID, "guided-weights").text == 'weights used: {"harmless":3}'
+        base_echo = "weights used: " + js_json({dim: 0 for dim in dims})
+
+        # Every weight at 0: the guided request is the base alone, same seed, so the same answer and no marks.
+        set_sliders(0.0)
+        base, guided = generate()
+        assert guided == base
+        assert not marks("#base-answer mark, #guided-answer mark")
+        assert "identical" in browser.find_element(By.ID, "diff").text
+        assert browser.find_element(By.ID, "base-weights").text == base_echo
+        assert browser.find_element(By.ID, "guided-weights").text == base_echo
+
+        # A large weight: where the guided answer departs from the base, its tokens are marked.
+        weights = set_sliders(3.0)
+        base, guided = generate()
+        assert browser.find_element(By.ID, "base-weights").text == base_echo
+        assert browser.find_element(By.ID, "guided-weights").text == "weights used: " + js_json(weights)
+        summary = browser.find_element(By.ID, "diff").text
+        if guided == base:
+            assert not marks("#base-answer mark, #guided-answer mark") and "identical" in summary
+        else:
+            assert marks("#guided-answer mark.departure")
+            assert not marks("#guided-answer mark.dropped") and not marks("#base-answer mark.departure")
+            match = re.fullmatch(r"Guided answer departs from the base at token (\d+); (\d+) of (\d+) tokens differ .*", summary)
+            assert match and 1 <= int(match[1]) and 1 <= int(match[2]) <= int(match[3]), summary
+            # What is left unmarked on both sides is one common subsequence: the same text.
+            unmarked = "return Array.from(document.getElementById(arguments[0]).childNodes)" \
+                ".filter(n => n.nodeType === Node.TEXT_NODE).map(n => n.data).join('')"
+            assert browser.execute_script(unmarked, "base-answer") == browser.execute_script(unmarked, "guided-answer")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         time.sleep(0.5)
         browser.save_screenshot(str(ARTIFACTS / "playground.png"))
