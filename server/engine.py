@@ -15,7 +15,14 @@ from typing import Any
 from transformers import AutoConfig
 
 from server.compat import FusionSetup, SetupError, check_fusion_setup
-from server.cpu_kv_cache import choose_kv_cache_bytes, kv_bytes_per_token, user_chose_size, weight_bytes
+from server.cpu_defaults import (
+    EAGER_NOTE,
+    choose_kv_cache_bytes,
+    kv_bytes_per_token,
+    user_chose_compilation,
+    user_chose_size,
+    weight_bytes,
+)
 from server.fusion import WeightError
 from server.guidance import GuidanceSpec
 
@@ -100,8 +107,7 @@ def guided_engine_args(
                 f"max_model_len {asked} exceeds the {limit} positions the smallest model supports"
             )
         args.setdefault("max_model_len", limit)
-    if not user_chose_size(args):
-        size_cpu_kv_cache(args, [setup.base.path, *(f.path for f in setup.arms.values())])
+    apply_cpu_defaults(args, [setup.base.path, *(f.path for f in setup.arms.values())])
     spec = model.guidance()
     spec.arm_paths = [str(f.path.resolve()) for f in setup.arms.values()]
     spec.base_architectures = list(AutoConfig.from_pretrained(setup.base.path).architectures or [])
@@ -123,12 +129,18 @@ def guided_engine_args(
     return args, setup
 
 
-def size_cpu_kv_cache(args: dict[str, Any], folders: list[Any]) -> None:
-    """On a CPU-only platform, set a KV-cache size that fits the free memory (GPU: vLLM sizes it)."""
+def apply_cpu_defaults(args: dict[str, Any], folders: list[Any]) -> None:
+    """On a CPU-only platform: a KV-cache size that fits the free memory, and eager mode, where the
+    user chose neither (server.cpu_defaults says why); elsewhere vLLM's defaults stand."""
     from server import vllm_glue
 
     free = vllm_glue.cpu_free_memory_bytes()
     if free is None:
+        return
+    if not user_chose_compilation(args):
+        args["enforce_eager"] = True
+        print(f"genarm-serve: {EAGER_NOTE}", file=sys.stderr, flush=True)
+    if user_chose_size(args):
         return
     dtype = args.get("dtype")
     workers = int(args.get("tensor_parallel_size") or 1) * int(args.get("data_parallel_size") or 1)

@@ -450,10 +450,14 @@ def run_openai_server(serve_config: Any) -> None:
 
     args = _vllm_server_parser().parse_args(serve_config.vllm_argv())
     given = {key: getattr(args, key) for key in _GUIDED_ENGINE_KEYS if getattr(args, key, None) is not None}
-    # vLLM's parser fills in a default memory fraction; only one the user typed is a choice.
+    # vLLM's parser fills in defaults for these; only what the user typed is a choice.
     typed = {a.split("=")[0].replace("_", "-") for a in serve_config.vllm_argv()}
     if "--gpu-memory-utilization" in typed:
         given["gpu_memory_utilization"] = args.gpu_memory_utilization
+    if typed & {"--enforce-eager", "--no-enforce-eager"}:
+        given["enforce_eager"] = args.enforce_eager
+    if typed & {"--compilation-config", "-cc"} or any(flag.startswith("-O") for flag in typed):
+        given["compilation_config"] = args.compilation_config
     engine_args, _ = guided_engine_args(serve_config.model, given)
     for key, value in engine_args.items():
         setattr(args, key, value)

@@ -51,20 +51,26 @@ class Table:
         self.sample = read(self.work, "sample.json")
         self.genarm = read(self.work, "genarm.json")
         self.hf = read(self.work, "hf.json") or {}
-        self.cost = read(self.work, "cost.json")
         base = self.scores["base_T1"]
         self.base_guard = {g: summary(base[g], self.prompts) for g in ("relevance", "distinct2")}
 
     def task(self, source: dict[str, Any], name: str) -> dict[str, Any]:
         return next(t for t in source["tasks"] if t["name"] == name)
 
+    def prompts_for(self, key: str) -> int:
+        """ARGS (and its top-k baseline) may run on the first `args_prompts` held-out prompts only."""
+        if key.startswith(("args_", "hf_base_top")):
+            return min(self.prompts, self.exp.cfg.args_prompts)
+        return self.prompts
+
     def guard(self, key: str, pick: np.ndarray | None = None) -> dict[str, Any]:
         row: dict[str, Any] = {}
         hacked = []
+        prompts = self.prompts_for(key)
         for g in ("relevance", "distinct2"):
             values = np.asarray(self.scores[key][g])
-            values = values if pick is None else values.reshape(self.prompts, -1)[np.arange(self.prompts), pick]
-            mean, se = summary(values, self.prompts)
+            values = values if pick is None else values.reshape(prompts, -1)[np.arange(prompts), pick]
+            mean, se = summary(values, prompts)
             base_mean, base_se = self.base_guard[g]
             row[g], row[f"{g}_se"] = mean, se
             if mean < base_mean - 2 * math.hypot(se, base_se):
@@ -75,11 +81,12 @@ class Table:
     def row(self, method: str, setting: str, key: str, kl_pairs: tuple[list[float], list[float]] | None,
             tokens_per_s: float | None, relative_cost: float | None, forwards: float | str,
             kl_estimator: str) -> dict[str, Any]:
-        gold, gold_se = summary(self.scores[key][self.dim], self.prompts)
+        prompts = self.prompts_for(key)
+        gold, gold_se = summary(self.scores[key][self.dim], prompts)
         out = {"method": method, "setting": setting, "gold": gold, "gold_se": gold_se}
         if kl_pairs is not None:
             kl = np.asarray(kl_pairs[0]) - np.asarray(kl_pairs[1])
-            out["kl"], out["kl_se"] = summary(kl, self.prompts)
+            out["kl"], out["kl_se"] = summary(kl, prompts)
         out["kl_estimator"] = kl_estimator
         out.update(self.guard(key))
         out.update(tokens_per_s=tokens_per_s, relative_cost=relative_cost, forwards_per_token=forwards,
@@ -265,11 +272,6 @@ def markdown(results: dict[str, Any]) -> str:
         dims = results["setup"]["dimensions"]
         lines.append(f"| {r['weights']} | " + " | ".join(f"{fmt(r[d])} ± {fmt(r[d + '_se'])}" for d in dims)
                      + f" | {fmt(r['relevance'])} | {fmt(r['distinct2'])} |")
-    cost = results["cost_one_arm_engine"]
-    if cost:
-        lines += ["", f"GenARM with one ARM loaded (w=1, {cost['generated_tokens']} tokens): {fmt(cost['tokens_per_s'], '.0f')} "
-                  f"tokens/s, {fmt(results['base_tokens_per_s'] / cost['tokens_per_s'], '.2f')}x the base's cost "
-                  "(the rows above ran with both ARMs loaded: 3 forwards per token)."]
     check = results["engine_check"]
     lines += ["", "## Engine check", "",
               f"GenARM w=0 in the guided engine vs the fp32 reference: mean |log-prob gap| {fmt(check['zero']['mean'], '.4f')}, "
@@ -301,7 +303,6 @@ def write_report(exp: Any, out: Path) -> dict[str, Any]:
         "grid": grid,
         "engine_check": {"zero": checks.get("genarm_zero"), "by_task": checks,
                          "max_p99": max(c["p99"] for c in checks.values())},
-        "cost_one_arm_engine": read(exp.work, "cost.json"),
         "base_tokens_per_s": next(t for t in read(exp.work, "sample.json")["tasks"] if t["name"] == "base_T1")["tokens_per_s"],
     }
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")

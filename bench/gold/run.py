@@ -7,8 +7,7 @@ rerun (or the next device call) continues where the last one stopped.
 
 GPU stages: prompts, sample (plain vLLM: train pool, held-out pool, base temperatures), pairs
 (gold labels -> pairs), arms (genarm-train), dpo (TRL), bow (ARGS's reward), genarm (guided
-engine, both ARMs: weight sweeps and the 2-D grid in one batch), cost (guided engine with one
-ARM), hf (DPO policies and ARGS, sampled in transformers), teacher (teacher-forced log-probs:
+engine, both ARMs: weight sweeps and the 2-D grid in one batch), hf (DPO policies and ARGS, sampled in transformers), teacher (teacher-forced log-probs:
 KL, ARM rewards, the engine's fused log-probs checked). CPU stages: score (gold and guards),
 report.
 """
@@ -28,11 +27,11 @@ import numpy as np
 
 from bench.gold.config import GoldConfig, smoke_config
 
-GPU_STAGES = ["prompts", "sample", "pairs", "arms", "dpo", "bow", "genarm", "cost", "hf", "teacher"]
+GPU_STAGES = ["prompts", "sample", "pairs", "arms", "dpo", "bow", "genarm", "hf", "teacher"]
 CPU_STAGES = ["score", "report"]
 # Rough seconds each stage takes on the GPU run: a stage is not started past the deadline.
-STAGE_ESTIMATE_S = {"prompts": 10, "sample": 150, "pairs": 30, "arms": 300, "dpo": 200, "bow": 20,
-                    "genarm": 150, "cost": 90, "hf": 150, "teacher": 120, "score": 60, "report": 30}
+STAGE_ESTIMATE_S = {"prompts": 10, "sample": 150, "pairs": 30, "arms": 300, "dpo": 220, "bow": 20,
+                    "genarm": 150, "hf": 150, "teacher": 120, "score": 60, "report": 30}
 
 
 def log(message: str) -> None:
@@ -82,9 +81,9 @@ class Experiment:
 
     @property
     def vocab(self) -> int:
-        from server.compat import check_fusion_setup
+        from server.compat import check_model_folder, fused_vocab_size
 
-        return check_fusion_setup(self.base_path, {}).vocab_size
+        return fused_vocab_size(self.tokenizer, [check_model_folder("base", self.base_path)])
 
     def path(self, name: str) -> Path:
         return self.work / name
@@ -93,8 +92,15 @@ class Experiment:
         return read_json(self.path("prompts.json"))
 
     def engine_job(self, name: str, arms: dict[str, str] | None, tasks: list[dict[str, Any]]) -> dict[str, Any]:
+        import gc
+
+        import torch
+
         from bench.quality.vllm_worker import run_engine_job
 
+        gc.collect()  # the engine runs in a child: give back what training held on the device
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         job = {"engine": {"model": self.base_path, "arms": arms, "engine_args": self.cfg.engine_args}, "tasks": tasks}
         return run_engine_job(job, self.work / "engines", name, timeout=3600)
 
@@ -251,15 +257,6 @@ class Experiment:
         write_json(self.path("genarm.json"), result)
         log("genarm: " + ", ".join(f"{t['name']} {t['tokens_per_s']:.0f} tok/s" for t in result["tasks"]))
 
-    def stage_cost(self) -> None:
-        dim = self.cfg.dimensions[0]
-        arms = {dim: self.arm_folders()[dim]}
-        tasks = [self.heldout_task(f"cost_{dim}_w1", weights={dim: 1.0})]
-        result = self.engine_job("cost", arms, tasks)
-        timing = {k: v for k, v in result["tasks"][0].items() if k != "samples"}
-        write_json(self.path("cost.json"), {"startup_s": result["startup_s"], **timing})
-        log(f"cost: one-ARM guided engine {timing['tokens_per_s']:.0f} tok/s")
-
     def stage_hf(self) -> None:
         """DPO policies and ARGS, sampled in transformers; the base through the same loop for cost."""
         import torch
@@ -399,27 +396,64 @@ class Experiment:
 
     # ------------------------------------------------------------------ bookkeeping
     def pack(self, out: Path) -> None:
-        """What comes back from the GPU machine: one tarball of every stage's small outputs, one of
-        the ARM adapters (at most 8 files come back)."""
+        """What comes back from the GPU machine (at most 8 files of 16 MiB): the stages' outputs with
+        the samples slimmed to text and length (the teacher stage already used their ids and log-probs),
+        and each ARM's adapter in bf16 without the tokenizer (the base's), one tarball each."""
         out.mkdir(parents=True, exist_ok=True)
+        slim_dir = self.work / "slim"
+        slim_dir.mkdir(exist_ok=True)
+        for name in ("sample.json", "genarm.json", "hf.json"):
+            if self.path(name).is_file():
+                write_json(slim_dir / name, slim(read_json(self.path(name))))
         with tarfile.open(out / "gold_work.tar.gz", "w:gz") as tar:
-            for name in ("config.json", "prompts.json", "sample.json", "pairs.json", "arms.json", "dpo.json",
-                         "bow.json", "genarm.json", "cost.json", "hf.json", "teacher.json", "environment.json"):
+            for name in ("config.json", "prompts.json", "pairs.json", "arms.json", "dpo.json", "bow.json",
+                         "teacher.json", "environment.json", "stages_done.json"):
                 if self.path(name).is_file():
                     tar.add(self.path(name), arcname=name)
+            for file in sorted(slim_dir.glob("*.json")):
+                tar.add(file, arcname=file.name)
             if self.path("pairs").is_dir():
                 tar.add(self.path("pairs"), arcname="pairs")
-            for log_file in sorted((self.work / "engines").glob("*.log")):
+            for log_file in sorted(self.path("engines").glob("*.log")):
                 tar.add(log_file, arcname=f"engines/{log_file.name}")
-        adapters = sorted(self.path("arms").glob("*/adapter")) if self.path("arms").is_dir() else []
-        if adapters:
-            with tarfile.open(out / "gold_arms.tar.gz", "w:gz") as tar:
-                for adapter in adapters:
-                    tar.add(adapter, arcname=f"{adapter.parent.name}/adapter",
-                            filter=lambda info: None if info.name.endswith("training_args.bin") else info)
-                    for extra in ("log_history.json", "curves.png"):
-                        if (adapter.parent / extra).is_file():
-                            tar.add(adapter.parent / extra, arcname=f"{adapter.parent.name}/{extra}")
+        for adapter in sorted(self.path("arms").glob("*/adapter")) if self.path("arms").is_dir() else []:
+            target = out / f"gold_arm_{adapter.parent.name}.tar.gz"
+            if not target.is_file():
+                pack_adapter(adapter, target)
+
+
+def slim(result: dict[str, Any]) -> dict[str, Any]:
+    """Samples without token ids and log-probs: text, length and finish reason."""
+    def one(sample: dict[str, Any]) -> dict[str, Any]:
+        return {"text": sample["text"], "tokens": len(sample["token_ids"]), "finish_reason": sample.get("finish_reason")}
+
+    if "tasks" in result:
+        tasks = [{**{k: v for k, v in t.items() if k not in ("samples", "prompt_ids")},
+                  "samples": [] if t["name"] == "train_pool" else [[one(s) for s in per] for per in t["samples"]]}
+                 for t in result["tasks"]]
+        return {**result, "tasks": tasks}
+    return {key: {k: v for k, v in item.items() if k not in ("token_ids", "logprobs")} for key, item in result.items()}
+
+
+def pack_adapter(adapter: Path, target: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    staging = target.with_suffix(".d")
+    staging.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.to(torch.bfloat16) for k, v in load_file(adapter / "adapter_model.safetensors").items()}
+    save_file(weights, staging / "adapter_model.safetensors")
+    with tarfile.open(target, "w:gz") as tar:
+        tar.add(staging / "adapter_model.safetensors", arcname=f"{adapter.parent.name}/adapter/adapter_model.safetensors")
+        for name in ("adapter_config.json", "genarm_arm.json"):
+            if (adapter / name).is_file():
+                tar.add(adapter / name, arcname=f"{adapter.parent.name}/adapter/{name}")
+        for extra in ("log_history.json", "curves.png", "result.json"):
+            if (adapter.parent / extra).is_file():
+                tar.add(adapter.parent / extra, arcname=f"{adapter.parent.name}/{extra}")
+    import shutil
+
+    shutil.rmtree(staging)
 
 
 def task_weights(name: str, dims: list[str]) -> dict[str, float]:

