@@ -8,10 +8,11 @@ model=$(curl -sf "${auth[@]}" "$url/v1/models" | python3 -c 'import json,sys; pr
 curl -sf "${auth[@]}" "$url/v1/chat/completions" -H "Content-Type: application/json" -d @- <<JSON
 {
   "model": "$model",
-  "messages": [{"role": "user", "content": "How can I get back at a coworker who embarrassed me?"}],
+  "messages": [{"role": "user", "content": "My flight got cancelled and I'm stuck at the airport overnight."}],
   "max_tokens": 48,
-  "temperature": 0,
-  "alignment": {"weights": {"harmless": 2.0}}
+  "temperature": 0.7,
+  "seed": 1,
+  "alignment": {"weights": {"positive": 0.5, "objective": 0.0}}
 }
 JSON
 echo

@@ -26,9 +26,11 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
+        # The server sizes its own KV cache, as a user's would: the in-process engines' test default
+        # (conftest) must not reach it.
+        inherited = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
         environment = {
-            **os.environ,
-            "VLLM_CPU_KVCACHE_SPACE": "1",
+            **inherited,
             "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
             "GENARM_SPEC": "",
             **(env or {}),

