@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 
@@ -33,10 +32,6 @@ class BowReward:
     l2: float
     train_accuracy: float
     heldout_accuracy: float | None
-
-    def score(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        u = self.u.cpu()
-        return np.asarray([float(u[list(s)].mean()) if len(s) else 0.0 for s in sequences])
 
 
 def _accuracy(u: torch.Tensor, diff: torch.Tensor) -> float:

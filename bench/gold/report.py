@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.gold.judges import GOLD_DESCRIPTIONS
+
 BOOTSTRAP = 1000
 
 
@@ -307,7 +309,8 @@ def write_report(exp: Any, out: Path) -> dict[str, Any]:
     teacher = read(exp.work, "teacher.json")
     checks = {k: v["engine_vs_fp32_abs_logprob"] for k, v in teacher.items() if "engine_vs_fp32_abs_logprob" in v}
     results = {
-        "setup": {**cfg.to_dict(), "environment": read(exp.work, "environment.json"),
+        "setup": {**cfg.to_dict(), "gold_judges": {d: GOLD_DESCRIPTIONS[d] for d in cfg.dimensions},
+                  "environment": read(exp.work, "environment.json"),
                   "pairs": read(exp.work, "pairs.json"), "stage_seconds": read(exp.work, "stages_done.json")},
         "arms": read(exp.work, "arms.json"),
         "bow_reward": read(exp.work, "bow.json"),

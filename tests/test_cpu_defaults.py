@@ -1,0 +1,56 @@
+"""CPU engine defaults: a KV cache sized to the free memory and eager mode, only where the user
+chose neither (the README's first command relies on them: tests/test_readme_serve.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.compat import SetupError
+from server.cpu_defaults import GIB, MAX_AUTO_BYTES, RUNTIME_OVERHEAD_BYTES, choose_kv_cache_bytes, kv_bytes_per_token
+from server.engine import apply_cpu_defaults
+
+
+def test_half_of_what_is_spare_within_bounds() -> None:
+    free, weights = 10 * GIB, GIB
+    choice = choose_kv_cache_bytes(free, weights, per_token=1000, max_model_len=1000, max_num_seqs=10**6)
+    spare = free - weights - RUNTIME_OVERHEAD_BYTES
+    assert choice.bytes == pytest.approx(spare / 2, rel=1e-3)
+    # Never more than is useful for max_num_seqs full sequences, nor more than the cap.
+    assert choose_kv_cache_bytes(free, weights, 1000, 1000, max_num_seqs=4).bytes == 4 * 1000 * 1000 // 2**20 * 2**20
+    assert choose_kv_cache_bytes(100 * GIB, weights, 1000, 1000, 10**6).bytes == MAX_AUTO_BYTES
+    # Several engine processes on one machine share what is free.
+    two = choose_kv_cache_bytes(free, weights, 1000, 1000, 10**6, workers=2)
+    assert two.bytes < choice.bytes
+
+
+def test_refuses_in_one_line_when_one_sequence_cannot_fit() -> None:
+    with pytest.raises(SetupError) as err:
+        choose_kv_cache_bytes(3 * GIB, GIB, per_token=10**6, max_model_len=8192, max_num_seqs=1)
+    assert "\n" not in str(err.value) and "one 8192-token sequence" in str(err.value)
+
+
+def test_kv_bytes_per_token_counts_every_model(tiny_family: dict[str, Path]) -> None:
+    base, arm = tiny_family["llama-base"], tiny_family["llama-arm-narrow"]
+    both = kv_bytes_per_token([base, arm], "float32")
+    assert both == kv_bytes_per_token([base], "float32") + kv_bytes_per_token([arm], "float32")
+    assert kv_bytes_per_token([base], "bfloat16") * 2 == kv_bytes_per_token([base], "float32")
+
+
+def test_applied_only_where_the_user_chose_nothing(tiny_family: dict[str, Path],
+                                                   monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    folders = [tiny_family["llama-base"], tiny_family["llama-arm-narrow"]]
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    args: dict = {"max_model_len": 256, "dtype": "float32"}
+    apply_cpu_defaults(args, folders)
+    assert args["enforce_eager"] is True and args["kv_cache_memory_bytes"] > 0
+    err = capsys.readouterr().err
+    assert "CPU KV cache" in err and "eager mode" in err
+    chosen = {"max_model_len": 256, "kv_cache_memory_bytes": 1 << 26, "enforce_eager": False}
+    apply_cpu_defaults(chosen, folders)
+    assert chosen == {"max_model_len": 256, "kv_cache_memory_bytes": 1 << 26, "enforce_eager": False}
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    by_env: dict = {"max_model_len": 256}
+    apply_cpu_defaults(by_env, folders)
+    assert "kv_cache_memory_bytes" not in by_env
