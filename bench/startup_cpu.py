@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,12 +84,13 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    log = Path(tempfile.mkdtemp(prefix="startup-cpu-")) / "server.log"
     for mode, flags in MODES.items():
         for cache in CACHES:
             shutil.rmtree(cache, ignore_errors=True)
         for attempt in ("first start (caches empty)", "second start"):
             load_before = os.getloadavg()[0]
-            proc, seconds = start(flags, args.port, out / "startup_cpu_server.log")
+            proc, seconds = start(flags, args.port, log)
             try:
                 speed = load(args.port, args.requests, args.tokens)
             finally:
@@ -96,7 +98,6 @@ def main() -> int:
             rows.append({"mode": mode, "start": attempt, "seconds_to_health": seconds, **speed,
                          "load_average_before": load_before})
             print(f"{mode:36} {attempt:28} {seconds:6.1f} s to /health, {speed['tokens_per_s']:.1f} tok/s", flush=True)
-    (out / "startup_cpu_server.log").unlink(missing_ok=True)
     eager_speed = sum(r["tokens_per_s"] for r in rows if r["mode"].startswith("eager")) / 2
     compiled_speed = sum(r["tokens_per_s"] for r in rows if r["mode"].startswith("torch")) / 2
     report = {
