@@ -53,7 +53,7 @@ def test_engine_log_probs_are_the_fp32_fused_distribution(smoke: dict) -> None:
     assert check["zero"]["max"] < 1e-4
     assert check["max_p99"] < 1e-3
     for row in rows(smoke["results"], "positive", "GenARM"):
-        assert row["kl"] == pytest.approx(row["kl_fp32"], abs=1e-2)
+        assert row["kl"] == pytest.approx(row["kl_engine_logprobs"], abs=1e-2)
 
 
 def test_best_of_n_is_selected_right(smoke: dict) -> None:
@@ -65,6 +65,19 @@ def test_best_of_n_is_selected_right(smoke: dict) -> None:
         for r in oracle + rows(results, dim, "best-of-N (ARM reward)"):
             n = int(r["setting"].removeprefix("N="))
             assert r["kl"] == pytest.approx(math.log(n) - (n - 1) / n)
+
+
+def test_best_of_n_picks_the_highest_score_among_the_first_n() -> None:
+    import numpy as np
+
+    from bench.gold.report import select_best_of_n
+
+    scores = np.array([[0.1, 0.9, 0.5, 2.0], [3.0, -1.0, 0.0, 0.0]])
+    assert select_best_of_n(scores, 1).tolist() == [0, 0]
+    assert select_best_of_n(scores, 3).tolist() == [1, 0]
+    assert select_best_of_n(scores, 4).tolist() == [3, 0]
+    with pytest.raises(ValueError):
+        select_best_of_n(scores, 5)
 
 
 def test_every_method_has_gold_kl_guard_and_cost(smoke: dict) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from bench.gold.judges import GOLD_DESCRIPTIONS
+from bench.quality.methods import select_best_of_n
 
 BOOTSTRAP = 1000
 
@@ -159,7 +160,7 @@ class Table:
         rows = []
         for picker, scores in (("best-of-N (ARM reward)", arm), ("best-of-N (gold, oracle)", gold)):
             for n in cfg.best_of:
-                pick = np.argmax(scores[:, :n], axis=1)
+                pick = select_best_of_n(scores, n)
                 chosen = gold[np.arange(self.prompts), pick]
                 mean, se = float(chosen.mean()), bootstrap_se(chosen)
                 delivered = tokens[np.arange(self.prompts), pick]
