@@ -32,6 +32,7 @@ MIB = 1 << 20
 RUNTIME_OVERHEAD_BYTES = int(2.5 * GIB)
 # Beyond this a larger cache buys nothing on a CPU machine (thousands of concurrent tokens).
 MAX_AUTO_BYTES = 4 * GIB
+MIN_BYTES = 64 * MIB
 # Leave the rest of what is spare to the machine's other work (and the page cache).
 SPARE_SHARE = 0.5
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
@@ -102,7 +103,10 @@ def choose_kv_cache_bytes(
     """Half of what is spare after weights and runtime, within [one full sequence, useful, 4 GiB].
 
     `workers`: engine processes on this machine (tensor x data parallel), each with its own cache."""
-    minimum = per_token * max_model_len
+    # vLLM pads every layer of a KV-cache group to one page size and rounds to whole blocks, so one
+    # full sequence takes more than the raw per-token sum: twice it, and never less than 64 MiB.
+    one_sequence = 2 * per_token * max_model_len
+    minimum = max(one_sequence, MIN_BYTES)
     spare = (free_bytes - weights - RUNTIME_OVERHEAD_BYTES * workers) // workers
     if spare < minimum:
         raise SetupError(
@@ -111,7 +115,6 @@ def choose_kv_cache_bytes(
             f"{minimum / GIB:.2f} GiB of KV cache for one {max_model_len}-token sequence "
             "(free memory, lower --max-model-len, or set VLLM_CPU_KVCACHE_SPACE)"
         )
-    useful = per_token * max_model_len * max_num_seqs
-    chosen = max(minimum, min(int(spare * SPARE_SHARE), useful, MAX_AUTO_BYTES))
-    chosen = max(minimum, chosen // MIB * MIB)
+    useful = one_sequence * max_num_seqs
+    chosen = max(minimum, min(int(spare * SPARE_SHARE), useful, MAX_AUTO_BYTES) // MIB * MIB)
     return KVCacheChoice(bytes=chosen, free_bytes=free_bytes, weight_bytes=weights, min_bytes=minimum)

@@ -18,7 +18,9 @@ def test_half_of_what_is_spare_within_bounds() -> None:
     spare = free - weights - RUNTIME_OVERHEAD_BYTES
     assert choice.bytes == pytest.approx(spare / 2, rel=1e-3)
     # Never more than is useful for max_num_seqs full sequences, nor more than the cap.
-    assert choose_kv_cache_bytes(free, weights, 1000, 1000, max_num_seqs=4).bytes == 4 * 1000 * 1000 // 2**20 * 2**20
+    assert choose_kv_cache_bytes(free, weights, 10**4, 10**4, max_num_seqs=4).bytes == 2 * 4 * 10**8 // 2**20 * 2**20
+    # One full sequence at the least (twice the raw sum: vLLM pads pages and rounds to blocks).
+    assert choose_kv_cache_bytes(free, weights, 10**4, 10**4, max_num_seqs=1).bytes == 2 * 10**8
     assert choose_kv_cache_bytes(100 * GIB, weights, 1000, 1000, 10**6).bytes == MAX_AUTO_BYTES
     # Several engine processes on one machine share what is free.
     two = choose_kv_cache_bytes(free, weights, 1000, 1000, 10**6, workers=2)
@@ -27,7 +29,7 @@ def test_half_of_what_is_spare_within_bounds() -> None:
 
 def test_refuses_in_one_line_when_one_sequence_cannot_fit() -> None:
     with pytest.raises(SetupError) as err:
-        choose_kv_cache_bytes(3 * GIB, GIB, per_token=10**6, max_model_len=8192, max_num_seqs=1)
+        choose_kv_cache_bytes(3 * GIB, GIB, per_token=10**5, max_model_len=8192, max_num_seqs=1)
     assert "\n" not in str(err.value) and "one 8192-token sequence" in str(err.value)
 
 
