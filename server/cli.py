@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from server.compat import SetupError
+from genarm_common.errors import SetupError
 from server.config import parse_args
 
 
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
 
             config.model = default_model()
         from server.adapters import resolve_arms
-        from server.model_fetch import resolve_model_ref
+        from genarm_common.model_fetch import resolve_model_ref
 
         model = config.model
         model.base = resolve_model_ref(model.base)

@@ -23,7 +23,7 @@ from typing import Any
 
 from transformers import AutoConfig
 
-from server.compat import SetupError
+from genarm_common.errors import SetupError
 
 GIB = 1 << 30
 MIB = 1 << 20

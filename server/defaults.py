@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server.compat import SetupError
+from genarm_common.errors import SetupError
 from server.engine import GuidedModelConfig
 
 DEFAULT_BASE = "smollm2-135m-instruct"
@@ -18,7 +18,7 @@ DEFAULT_WEIGHTS = {"harmless": 1.0}
 
 
 def default_model() -> GuidedModelConfig:
-    from server.model_fetch import fetch_model
+    from genarm_common.model_fetch import fetch_model
 
     if not (DEFAULT_ARM / "adapter_config.json").is_file():
         raise SetupError(f"the embedded default ARM is missing ({DEFAULT_ARM}); pass --base and --arm")

@@ -14,7 +14,8 @@ from typing import Any
 
 from transformers import AutoConfig
 
-from server.compat import FusionSetup, SetupError, check_fusion_setup
+from genarm_common.errors import SetupError
+from genarm_common.model_checks import FusionSetup, check_fusion_setup
 from server.cpu_defaults import (
     EAGER_NOTE,
     choose_kv_cache_bytes,

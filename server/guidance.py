@@ -27,7 +27,7 @@ class GuidanceSpec:
     # What the engine fuses (empty where only validation is needed):
     arm_paths: list[str] = field(default_factory=list)
     base_architectures: list[str] = field(default_factory=list)
-    vocab_size: int = 0  # ids the fused step covers (see server.compat.fused_vocab_size)
+    vocab_size: int = 0  # ids the fused step covers (see genarm_common.model_checks.fused_vocab_size)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from vllm.v1.sample.logits_processor import LogitsProcessor, MoveDirectionality
 
-from server.compat import SetupError
+from genarm_common.errors import SetupError
 from server.fusion import fused_logprobs
 from server.guidance import GuidanceSpec
 

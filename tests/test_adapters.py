@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from server.adapters import resolve_arms
-from server.compat import check_fusion_setup
+from genarm_common.model_checks import check_fusion_setup
 
 
 @pytest.fixture()
@@ -60,15 +60,15 @@ def test_adapter_of_a_missing_base_falls_back_to_the_serving_base(
     config["base_model_name_or_path"] = "/nowhere/model"
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     # The tiny narrow ARM and the base differ in shape: merging onto the base must fail clearly.
-    from server.compat import SetupError
+    from genarm_common.errors import SetupError
 
     with pytest.raises(SetupError, match="cannot merge"):
         resolve_arms(str(tiny_family["llama-base"]), {"harmless": str(adapter)})
 
 
 def test_model_references_resolve_or_fail_in_one_line(tiny_family: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    from server.compat import SetupError
-    from server.model_fetch import resolve_model_ref
+    from genarm_common.errors import SetupError
+    from genarm_common.model_fetch import resolve_model_ref
 
     assert resolve_model_ref(str(tiny_family["llama-base"])) == str(tiny_family["llama-base"])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

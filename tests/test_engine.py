@@ -12,7 +12,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
 from server import vllm_glue
-from server.compat import SetupError
+from genarm_common.errors import SetupError
 from server.engine import GuidedModelConfig, guided_engine_args, guided_llm, weights_extra_args
 from server.fusion import WeightError
 from server.reference import ReferenceGuidedGenerator, SamplingOptions

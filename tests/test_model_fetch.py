@@ -1,4 +1,4 @@
-"""server.model_fetch offline: GGUF -> HF conversion round trip, pinned-hash checks, the cache."""
+"""genarm_common.model_fetch offline: GGUF -> HF conversion round trip, pinned-hash checks, the cache."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server import model_fetch
-from server.compat import tokenizer_fingerprint
-from server.model_fetch import FetchError, KnownModel
+from genarm_common import model_fetch
+from genarm_common.model_checks import tokenizer_fingerprint
+from genarm_common.model_fetch import FetchError, KnownModel
 
 gguf = pytest.importorskip("gguf")
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from genarm_common.settings import load_dataclass
 
 
 @dataclass
@@ -22,7 +22,7 @@ class ArmRecipe:
 @dataclass
 class GoldConfig:
     name: str = "gold"
-    base: str = "smollm2-135m-instruct"  # server.model_fetch name or an HF folder
+    base: str = "smollm2-135m-instruct"  # genarm_common.model_fetch name or an HF folder
     dimensions: list[str] = field(default_factory=lambda: ["positive", "objective"])
     # Prompts: first user turns of the bundled HH-RLHF dialogues, split by a seeded hash.
     heldout_prompts: int = 250
@@ -61,19 +61,8 @@ class GoldConfig:
     seed: int = 20261130
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GoldConfig:
-        data = dict(data)
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown setting(s) {unknown}")
-        if isinstance(data.get("arm_recipe"), dict):
-            data["arm_recipe"] = ArmRecipe(**data["arm_recipe"])
-        data["arm_ablations"] = [ArmRecipe(**a) if isinstance(a, dict) else a for a in data.get("arm_ablations", [])]
-        return cls(**data)
-
-    @classmethod
     def load(cls, path: str | Path) -> GoldConfig:
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+        return load_dataclass(cls, path)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -49,7 +49,7 @@ class Embedder:
         return int(self.model.get_embedding_dimension())
 
     def weights_sha256(self) -> str:
-        from server.model_fetch import sha256_file
+        from genarm_common.model_fetch import sha256_file
 
         return sha256_file(self.model_dir / "model.safetensors")
 

@@ -50,7 +50,7 @@ def log(message: str) -> None:
 
 
 def sha256_of_folder(folder: Path, patterns: tuple[str, ...] = ("*.safetensors",)) -> dict[str, str]:
-    from server.model_fetch import sha256_file
+    from genarm_common.model_fetch import sha256_file
 
     files = sorted(p for pattern in patterns for p in folder.glob(pattern) if p.is_file())
     return {p.name: sha256_file(p) for p in files}
@@ -80,7 +80,7 @@ class Experiment:
         if "base" not in self._paths:
             path = Path(self.cfg.base).expanduser()
             if not path.is_dir():
-                from server.model_fetch import fetch_model
+                from genarm_common.model_fetch import fetch_model
 
                 path = fetch_model(self.cfg.base)
             self._paths["base"] = path.resolve()
@@ -361,7 +361,7 @@ class Experiment:
         import transformers
 
         from bench.quality.judges import judge_versions, package_version
-        from server.model_fetch import sha256_file
+        from genarm_common.model_fetch import sha256_file
 
         def model_record(path: Path, source: Path | None = None) -> dict[str, Any]:
             rec: dict[str, Any] = {"path": str(path), "sha256": sha256_of_folder(path)}
