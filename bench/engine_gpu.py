@@ -154,12 +154,9 @@ def make_llm(job: dict[str, Any]) -> Any:
         return guided_llm(GuidedModelConfig(base=job["base"], arms=job["arms"]), **engine_args)
     if job.get("runner") == "v1-guided-backend":
         # The runner and attention backend the guided engine uses, for a fair base-alone figure.
-        from server import vllm_glue
+        from server.engine import baseline_engine_args
 
-        vllm_glue.prepare_environment()
-        vllm_glue.register()
-        for key, value in vllm_glue.attention_backend_args().items():
-            engine_args.setdefault(key, value)
+        engine_args = baseline_engine_args(engine_args)
     return LLM(model=job["base"], **engine_args)
 
 

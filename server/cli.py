@@ -21,9 +21,9 @@ def main(argv: list[str] | None = None) -> None:
         model = config.model
         model.base = resolve_model_ref(model.base)
         model.arms = resolve_arms(model.base, {name: resolve_model_ref(p) for name, p in model.arms.items()})
-        from server import vllm_glue
+        from server.vllm_glue.launcher import run_openai_server
 
-        vllm_glue.run_openai_server(config)
+        run_openai_server(config)
     except SetupError as err:
         for line in str(err).splitlines():
             print(f"genarm-serve: error: {line}", file=sys.stderr)

@@ -11,11 +11,13 @@ from vllm import LLM, SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-from server import vllm_glue
 from genarm_common.errors import SetupError
 from server.engine import GuidedModelConfig, guided_engine_args, guided_llm, weights_extra_args
 from server.fusion import WeightError
 from server.reference import ReferenceGuidedGenerator, SamplingOptions
+from server.vllm_glue.model import compile_cache_keys
+from server.vllm_glue.spec import engine_spec
+from server.vllm_glue.weights import GenARMWeights
 from tests.tiny_family import corpus_lines
 from tests.vllm_child import generate_in_child
 
@@ -167,7 +169,7 @@ def test_seeded_sampling_and_n(guided: LLM, llama_config: GuidedModelConfig) -> 
     second = guided.generate([prompt], params, use_tqdm=False)[0]
     assert len(first.outputs) == 3
     assert [o.token_ids for o in first.outputs] == [o.token_ids for o in second.outputs]
-    vocab = vllm_glue.spec_from_hf_config(guided.llm_engine.model_config.hf_config).vocab_size
+    vocab = engine_spec(guided.llm_engine.vllm_config).vocab_size
     assert all(t < vocab for o in first.outputs for t in o.token_ids)
 
 
@@ -210,7 +212,7 @@ def test_prompt_logprobs_are_refused(guided: LLM) -> None:
 
 
 def test_sub_models_never_share_compiled_code(guided: LLM) -> None:
-    keys = guided.apply_model(vllm_glue.compile_cache_keys)[0]
+    keys = guided.apply_model(compile_cache_keys)[0]
     assert len(keys) == 4  # base + 3 ARMs, each compiled
     assert len(set(keys.values())) == len(keys)
 
@@ -235,7 +237,7 @@ def test_qwen2_pair_with_padded_base_vocabulary(tiny_family: dict[str, Path]) ->
 def test_weight_table_follows_added_removed_moved_and_swapped_rows(
     guided: LLM, llama_config: GuidedModelConfig
 ) -> None:
-    processor = vllm_glue.GenARMWeights(guided.llm_engine.vllm_config, torch.device("cpu"), False)
+    processor = GenARMWeights(guided.llm_engine.vllm_config, torch.device("cpu"), False)
     rows = {
         "a": weights_extra_args(llama_config, {"harmless": 1.0}),
         "b": weights_extra_args(llama_config, {"helpful": 2.0}),

@@ -1,0 +1,40 @@
+"""The Prometheus metrics genarm-serve exports beside vLLM's, and the one way a fallback to the base
+model alone is reported: a log line the first time (per reason), a count every time."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter("genarm_requests", "Generation requests admitted, by mode", ["mode"])
+DIMENSION_REQUESTS = Counter(
+    "genarm_dimension_requests", "Requests with a non-zero weight on a reward dimension", ["dimension"]
+)
+WEIGHTS = Histogram(
+    "genarm_request_weight", "Weight each request gave each reward dimension", ["dimension"],
+    buckets=(-1.0, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
+)
+REJECTED = Counter("genarm_rejected_requests", "Requests refused, by reason", ["reason"])
+# livesum: with several API server processes, the server's total.
+INFLIGHT = Gauge("genarm_inflight_requests", "Generation requests being served or queued", multiprocess_mode="livesum")
+REQUEST_LIMIT = Gauge(
+    "genarm_request_limit", "Generation requests admitted at once (served plus queued) before HTTP 429",
+    multiprocess_mode="livesum",
+)
+FALLBACKS = Counter(
+    "genarm_guidance_fallbacks",
+    "Steps or requests served by the base model alone because their guidance weights were unavailable",
+    ["reason"],
+)
+
+logger = logging.getLogger("genarm.fallback")
+_reported: set[str] = set()
+
+
+def report_fallback(reason: str, message: str) -> None:
+    """Count a fallback to the base model alone; log it the first time this reason occurs."""
+    FALLBACKS.labels(reason=reason).inc()
+    if reason not in _reported:
+        _reported.add(reason)
+        logger.warning("%s (reported once; counted in genarm_guidance_fallbacks_total{reason=%r})", message, reason)
