@@ -47,6 +47,8 @@ class HttpSettings:
     def serve(self, spec: GuidanceSpec, max_inflight: int) -> None:
         self.spec, self.max_inflight = spec, max_inflight
         REQUEST_LIMIT.set(max_inflight)
+        for name in spec.dimensions:  # every series exists from the start, at 0
+            DIMENSION_REQUESTS.labels(dimension=name)
 
 
 def request_limit(max_running: int, max_waiting: int, api_servers: int = 1) -> int:

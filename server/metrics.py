@@ -27,13 +27,23 @@ FALLBACKS = Counter(
     "Steps or requests served by the base model alone because their guidance weights were unavailable",
     ["reason"],
 )
+FALLBACK_REASONS = ("no_weight_table", "row_count_mismatch", "invalid_weights")
+REJECT_REASONS = ("bad_alignment", "queue_full", "unsupported_endpoint")
+# Every series exists from the start (at 0), so a dashboard or a test never mistakes a missing one for 0.
+for _mode in ("guided", "base"):
+    REQUESTS.labels(mode=_mode)
+for _reason in REJECT_REASONS:
+    REJECTED.labels(reason=_reason)
+for _reason in FALLBACK_REASONS:
+    FALLBACKS.labels(reason=_reason)
 
 logger = logging.getLogger("genarm.fallback")
 _reported: set[str] = set()
 
 
 def report_fallback(reason: str, message: str) -> None:
-    """Count a fallback to the base model alone; log it the first time this reason occurs."""
+    """Count a fallback to the base model alone (`reason`: one of FALLBACK_REASONS); log it the
+    first time this reason occurs in this process."""
     FALLBACKS.labels(reason=reason).inc()
     if reason not in _reported:
         _reported.add(reason)
