@@ -35,18 +35,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench.quality.config import ExperimentConfig, smoke_config  # noqa: E402
 from bench.quality.data import SplitData, SplitSettings, TextPair, load_split, split_settings_of_arm  # noqa: E402
+from bench.quality.progress import log, wkey  # noqa: E402
 from bench.quality.vllm_worker import run_engine_job  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("judge", "positive", "generate", "args", "multi", "report")
-
-
-def wkey(w: float) -> str:
-    return f"{float(w):g}"
-
-
-def log(message: str) -> None:
-    print(f"[quality {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def sha256_of_folder(folder: Path, patterns: tuple[str, ...] = ("*.safetensors",)) -> dict[str, str]:
