@@ -25,8 +25,8 @@ from server.vllm_glue.model import compile_cache_keys
 from server.vllm_glue.spec import engine_spec
 from server import metrics
 from server.vllm_glue.weights import GenARMWeights, WeightRows, step_weights
+from bench.vllm_worker import run_engine_job
 from tests.tiny_family import corpus_lines
-from tests.vllm_child import generate_in_child
 
 ENGINE_ARGS = dict(
     dtype="float32",
@@ -102,6 +102,16 @@ def separate_processor(config: GuidedModelConfig) -> GenARMWeights:
     return GenARMWeights(EngineArgs(**args).create_engine_config(), torch.device("cpu"), False)
 
 
+def greedy_in_child(workdir: Path, model: str, prompts: list[str], arms: dict[str, str] | None = None,
+                    weights: list[dict[str, float]] | None = None) -> list[dict]:
+    """Greedy outputs (token ids, log-probs) of another engine, run in a child process: plain vLLM
+    on `model`, or the guided engine when `arms` is given (weights per prompt)."""
+    task = {"name": "greedy", "prompts": prompts, "temperature": 0.0, "max_tokens": MAX_TOKENS, "ignore_eos": True,
+            "logprobs": True, "weights_per_prompt": weights}
+    job = {"engine": {"model": model, "arms": arms, "engine_args": ENGINE_ARGS}, "warmup": False, "tasks": [task]}
+    return [per[0] for per in run_engine_job(job, workdir, "child", timeout=900)["tasks"][0]["samples"]]
+
+
 def assert_matches_reference(outputs: list, expected: list) -> None:
     for out, ref in zip(outputs, expected, strict=True):
         assert list(out.outputs[0].token_ids) == ref.token_ids
@@ -109,9 +119,9 @@ def assert_matches_reference(outputs: list, expected: list) -> None:
 
 
 def test_greedy_matches_reference_with_mixed_weights(
-    guided: LLM, reference: ReferenceGuidedGenerator, llama_config: GuidedModelConfig
+    guided: LLM, reference: ReferenceGuidedGenerator, llama_config: GuidedModelConfig, test_seed: int
 ) -> None:
-    prompts = make_prompts(16, seed=int(np.random.default_rng().integers(1 << 30)))
+    prompts = make_prompts(16, seed=test_seed)  # fresh each run; the seed is printed
     weights = random_weights(llama_config.dimensions, 16, seed=len(prompts[0]))
     outputs = run(guided, llama_config, prompts, weights)
     expected = reference.generate(prompts, weights, SamplingOptions(max_tokens=MAX_TOKENS, ignore_eos=True))
@@ -119,12 +129,9 @@ def test_greedy_matches_reference_with_mixed_weights(
     assert any(len(guided.get_tokenizer()(p).input_ids) > ENGINE_ARGS["max_num_batched_tokens"] for p in prompts)
 
 
-def test_zero_weights_equal_plain_vllm(guided: LLM, llama_config: GuidedModelConfig) -> None:
+def test_zero_weights_equal_plain_vllm(guided: LLM, llama_config: GuidedModelConfig, tmp_path: Path) -> None:
     prompts = make_prompts(8, seed=5)
-    expected = generate_in_child(
-        llama_config.base, prompts,
-        dict(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=1), ENGINE_ARGS,
-    )
+    expected = greedy_in_child(tmp_path, llama_config.base, prompts)
     outputs = run(guided, llama_config, prompts, [{}] * len(prompts))
     for out, ref in zip(outputs, expected, strict=True):
         assert list(out.outputs[0].token_ids) == ref["token_ids"]
@@ -239,18 +246,14 @@ def test_sub_models_never_share_compiled_code(guided: LLM) -> None:
     assert len(set(keys.values())) == len(keys)
 
 
-def test_qwen2_pair_with_padded_base_vocabulary(tiny_family: dict[str, Path]) -> None:
+def test_qwen2_pair_with_padded_base_vocabulary(tiny_family: dict[str, Path], tmp_path: Path) -> None:
     arms = {"helpful": str(tiny_family["qwen2-arm"])}
     reference = ReferenceGuidedGenerator(tiny_family["qwen2-base"], arms)
     assert reference.setup.base.embedding_rows > reference.vocab_size
     prompts = make_prompts(8, seed=9)
     weights = random_weights(["helpful"], 8, seed=1)
     expected = reference.generate(prompts, weights, SamplingOptions(max_tokens=MAX_TOKENS, ignore_eos=True))
-    outputs = generate_in_child(
-        str(tiny_family["qwen2-base"]), prompts,
-        dict(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=1), ENGINE_ARGS,
-        arms=arms, weights=weights,
-    )
+    outputs = greedy_in_child(tmp_path, str(tiny_family["qwen2-base"]), prompts, arms=arms, weights=weights)
     for out, ref in zip(outputs, expected, strict=True):
         assert out["token_ids"] == ref.token_ids
         np.testing.assert_allclose(out["logprobs"], ref.logprobs, atol=2e-4)

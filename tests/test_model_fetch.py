@@ -8,6 +8,7 @@ import subprocess
 import zipfile
 from pathlib import Path
 
+import gguf  # a dependency of the project (GGUF conversion): missing, these tests must fail, not skip
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -15,8 +16,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from genarm_common import model_fetch
 from genarm_common.model_checks import tokenizer_fingerprint
 from genarm_common.model_fetch import FetchError, KnownModel
-
-gguf = pytest.importorskip("gguf")
 
 QWEN2_LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",

@@ -96,7 +96,7 @@ class Experiment:
 
         import torch
 
-        from bench.quality.vllm_worker import run_engine_job
+        from bench.vllm_worker import run_engine_job
 
         gc.collect()  # the engine runs in a child: give back what training held on the device
         if torch.cuda.is_available():

@@ -211,6 +211,7 @@ def train_reward_judge(
         "cv_accuracy": cv,
         "cv_folds": folds,
         "train_pairs": len(train_pairs),
+        "train_indices": [int(p.index) for p in train_pairs],  # record numbers: which pairs it learned from
         "train_accuracy": _pair_accuracy(w, train_diff),
         "heldout_pairs": len(heldout_pairs),
         "heldout_accuracy": heldout_acc,

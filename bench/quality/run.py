@@ -36,7 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from bench.quality.config import ExperimentConfig, smoke_config  # noqa: E402
 from bench.quality.data import SplitData, SplitSettings, TextPair, load_split, split_settings_of_arm  # noqa: E402
 from bench.quality.progress import log, wkey  # noqa: E402
-from bench.quality.vllm_worker import run_engine_job  # noqa: E402
+from bench.vllm_worker import run_engine_job  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("judge", "positive", "generate", "args", "multi", "report")
@@ -404,7 +404,7 @@ class Experiment:
             "generation": {"max_new_tokens": self.cfg.max_new_tokens, "temperature": self.cfg.temperature,
                            "seed": self.cfg.seed, "seed_rule": "prompt b uses seed + 100*b; the i-th of n samples +i"},
             "judges": {
-                "judge_rm": {k: v for k, v in judge.meta.items()} | {"feature": judge.feature},
+                "judge_rm": {k: v for k, v in judge.meta.items() if k != "train_indices"} | {"feature": judge.feature},
                 "profanity": "alt-profanity-check 1.9.1 predict_prob (P(offensive)) of the response text",
                 "sentiment": "vaderSentiment 3.3.2 compound score of the response text, in [-1, 1]",
                 "drift": "mean over outputs of the mean per-token log pi_base(y_t | x, y_<t), teacher-forced "
