@@ -68,3 +68,14 @@ def _build(hint: Any, value: Any, error: type[Exception]) -> Any:
         if nested and isinstance(value, dict):
             return settings_dataclass(nested[0], value, error)
     return value
+
+
+class SettingsFile:
+    """Mixin for a settings dataclass kept in a YAML file: `load(path)` and `to_dict()`."""
+
+    @classmethod
+    def load(cls: type[T], path: str | Path) -> T:
+        return load_dataclass(cls, path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]

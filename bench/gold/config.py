@@ -3,12 +3,11 @@ tiny smoke preset the tests run."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from genarm_common.settings import load_dataclass
+from genarm_common.settings import SettingsFile
 
 
 @dataclass
@@ -20,7 +19,7 @@ class ArmRecipe:
 
 
 @dataclass
-class GoldConfig:
+class GoldConfig(SettingsFile):
     name: str = "gold"
     base: str = "smollm2-135m-instruct"  # genarm_common.model_fetch name or an HF folder
     dimensions: list[str] = field(default_factory=lambda: ["positive", "objective"])
@@ -59,13 +58,6 @@ class GoldConfig:
     device: str = "auto"  # auto: cuda if available
     workdir: str = "/tmp/genarm-gold"
     seed: int = 20261130
-
-    @classmethod
-    def load(cls, path: str | Path) -> GoldConfig:
-        return load_dataclass(cls, path)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def smoke_config(tiny: dict[str, Path], workdir: Path) -> GoldConfig:

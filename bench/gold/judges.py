@@ -16,16 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-_VADER = None
-
-
-def positive(texts: Sequence[str]) -> np.ndarray:
-    global _VADER
-    if _VADER is None:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-        _VADER = SentimentIntensityAnalyzer()
-    return np.asarray([_VADER.polarity_scores(t)["compound"] for t in texts], dtype=np.float64)
+from bench.quality.judges import sentiment as positive  # VADER's compound score, in [-1, 1]
 
 
 def objective(texts: Sequence[str]) -> np.ndarray:

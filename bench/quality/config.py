@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from genarm_common.settings import load_dataclass
+from genarm_common.settings import SettingsFile
 
 
 @dataclass
@@ -54,7 +53,7 @@ class MultiSettings:
 
 
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(SettingsFile):
     name: str = "quality"
     base: str = "smollm2-135m-instruct"  # genarm_common.model_fetch name or HF folder
     arms: dict[str, str] = field(default_factory=dict)  # dimension -> LoRA adapter (merged on use) or HF folder
@@ -84,13 +83,6 @@ class ExperimentConfig:
     nice: int = 5
     workdir: str = "/work/runs/quality"
     reference_dtype: str = "float32"  # ARGS / drift / reference-decoder timing in transformers
-
-    @classmethod
-    def load(cls, path: str | Path) -> ExperimentConfig:
-        return load_dataclass(cls, path)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def smoke_config(tiny: dict[str, Path], workdir: Path) -> ExperimentConfig:
