@@ -9,6 +9,8 @@ build) keep their default backend.
 
 from __future__ import annotations
 
+from argparse import Namespace
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,9 +33,9 @@ def attention_backend_args() -> dict[str, Any]:
     return {}
 
 
-def user_chose_attention_backend(args: Any) -> bool:
+def user_chose_attention_backend(args: Mapping[str, Any] | Namespace) -> bool:
     """Whether engine args (a dict or vLLM's parsed CLI namespace) already pick a backend."""
-    get = args.get if isinstance(args, dict) else lambda key: getattr(args, key, None)
+    get = args.get if isinstance(args, Mapping) else lambda key: getattr(args, key, None)
     config = get("attention_config")
     chosen = config.get("backend") if isinstance(config, dict) else getattr(config, "backend", None)
     return get("attention_backend") is not None or chosen is not None

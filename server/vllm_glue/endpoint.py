@@ -9,6 +9,7 @@ launcher has chosen where metrics live (server.vllm_glue.launcher).
 
 from __future__ import annotations
 
+import logging
 import os
 from argparse import Namespace
 from typing import TYPE_CHECKING, Any
@@ -17,8 +18,10 @@ from server.vllm_glue.spec import engine_spec
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from starlette.datastructures import State
     from vllm.engine.protocol import EngineClient
 
+logger = logging.getLogger("genarm.http")
 MAX_WAITING_ENV = "GENARM_MAX_WAITING_REQUESTS"  # genarm-serve's --max-waiting-requests
 DEFAULT_MAX_WAITING = 256
 
@@ -49,7 +52,7 @@ class GenARMEndpointPlugin:
 
         app.openapi = openapi
 
-    async def init_state(self, engine_client: EngineClient | None, state: Any, args: Namespace) -> None:
+    async def init_state(self, engine_client: EngineClient | None, state: State, args: Namespace) -> None:
         """Serve with the engine's own spec, and admit what it runs (max_num_seqs per
         data-parallel engine, as vLLM resolved them) plus the queue genarm-serve allows."""
         from server.http_api import request_limit
@@ -59,6 +62,7 @@ class GenARMEndpointPlugin:
         config = engine_client.vllm_config
         spec = engine_spec(config)
         if spec is None:
+            logger.warning("genarm_http: the engine serves no GenARM model; requests pass through unguided")
             return
         parallel = config.parallel_config
         # The data-parallel engines this server's API processes feed: all of them, or with an

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 from server.vllm_glue.endpoint import MAX_WAITING_ENV
 
 if TYPE_CHECKING:
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
     from server.config import ServeConfig
 
 PLUGIN_NAMES = ("genarm", "genarm_http")  # our vllm.general_plugins and vllm.endpoint_plugins
@@ -34,7 +36,7 @@ def share_metrics_across_processes() -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir.name
 
 
-def _vllm_server_parser() -> Any:
+def _vllm_server_parser() -> FlexibleArgumentParser:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     try:  # vLLM >= 0.30

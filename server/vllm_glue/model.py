@@ -28,6 +28,8 @@ from server.vllm_glue.weights import step_weights
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+    from vllm.sequence import IntermediateTensors
 
 
 class GenARMForCausalLM(nn.Module):
@@ -55,7 +57,7 @@ class GenARMForCausalLM(nn.Module):
         )
         self.arm_names: list[str] = []
         # Read by vLLM's default loader after the base's own weights, each name given its prefix.
-        self.secondary_weights: list[Any] = []
+        self.secondary_weights: list[DefaultModelLoader.Source] = []
         hidden_sizes = [hf_config.get_text_config().hidden_size]
         for k, path in enumerate(spec.arm_paths):
             arm_config = AutoConfig.from_pretrained(path)
@@ -90,7 +92,7 @@ class GenARMForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor | None,
         positions: torch.Tensor,
-        intermediate_tensors: Any = None,
+        intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from server.guidance import GuidanceSpec
 
 if TYPE_CHECKING:
+    from transformers import PretrainedConfig
     from vllm.config import VllmConfig
 
 ARCHITECTURE = "GenARMForCausalLM"
@@ -20,7 +21,7 @@ def engine_overrides(spec: GuidanceSpec) -> dict[str, Any]:
     return {"architectures": [ARCHITECTURE], HF_CONFIG_KEY: asdict(spec)}
 
 
-def spec_from_hf_config(hf_config: Any) -> GuidanceSpec | None:
+def spec_from_hf_config(hf_config: PretrainedConfig) -> GuidanceSpec | None:
     data = getattr(hf_config, HF_CONFIG_KEY, None)
     return GuidanceSpec.from_dict(data) if data else None
 
