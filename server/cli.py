@@ -15,8 +15,8 @@ def main(argv: list[str] | None = None) -> None:
             from server.defaults import default_model
 
             config.model = default_model()
-        from server.adapters import resolve_arms
         from genarm_common.model_fetch import resolve_model_ref
+        from server.adapters import resolve_arms
 
         model = config.model
         model.base = resolve_model_ref(model.base)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import tempfile
 from argparse import Namespace
 from typing import TYPE_CHECKING, Any
@@ -14,6 +16,7 @@ if TYPE_CHECKING:
 
     from server.config import ServeConfig
 
+logger = logging.getLogger("genarm.serve")
 PLUGIN_NAMES = ("genarm", "genarm_http")  # our vllm.general_plugins and vllm.endpoint_plugins
 
 # Engine arguments that guided_engine_args reads or sets, picked off vLLM's parsed CLI.
@@ -31,9 +34,13 @@ def share_metrics_across_processes() -> None:
     counted in its own process): prometheus_client's multiprocess mode, which vLLM uses itself
     with several API servers. It must be chosen before prometheus_client is first imported."""
     global _metrics_dir
-    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        _metrics_dir = tempfile.TemporaryDirectory(prefix="genarm-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir.name
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        return
+    if "prometheus_client" in sys.modules:  # too late: this process already counts in memory
+        logger.warning("genarm-serve: metrics of the engine's processes will not show on /metrics")
+        return
+    _metrics_dir = tempfile.TemporaryDirectory(prefix="genarm-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir.name
 
 
 def _vllm_server_parser() -> FlexibleArgumentParser:
