@@ -35,6 +35,7 @@ RUN python3 -m pip install --no-cache-dir --no-deps -r /tmp/genarm/requirements-
 COPY pyproject.toml README.md /tmp/genarm/src/
 COPY server /tmp/genarm/src/server
 COPY rm_training /tmp/genarm/src/rm_training
+COPY genarm_common /tmp/genarm/src/genarm_common
 RUN python3 -m pip install --no-cache-dir --no-deps --no-build-isolation /tmp/genarm/src \
     && rm -rf /tmp/genarm \
     && python3 -c "import server.config, server.engine" \

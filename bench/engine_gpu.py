@@ -6,8 +6,9 @@
     python -m bench.engine_gpu report --out DIR           # engine.json + engine.md from DIR
     (--smoke: tiny sizes, for a dry run on a CPU machine)
 
-Every engine runs in its own child process (its GPU memory is returned when it exits, and one
-crash does not end the run); results are JSON files under --out; `report` prints the table.
+Every engine runs in its own child process (bench.vllm_worker: its GPU memory is returned when it
+exits, and one crash does not end the run); results are JSON files under --out; `report` prints
+the table.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.vllm_worker import run_engine_job
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 256
@@ -123,97 +127,61 @@ def correctness_family(arch: str, root: Path, smoke: bool) -> dict[str, Path]:
 # ------------------------------------------------------------------------------------ engines
 
 
-def run_child(job: dict[str, Any], out_file: Path, timeout: int = 900, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run one engine job in a child process; returns its JSON result (or the error)."""
-    out_file.parent.mkdir(parents=True, exist_ok=True)
+def run_child(job: dict[str, Any], out_file: Path, timeout: int = 900) -> dict[str, Any]:
+    """Run one engine job in a child process (bench.vllm_worker); returns {"job", "outputs" |
+    "timings"}, or {"job", "error"} (one crash does not end the run)."""
     started = time.time()
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.engine_gpu", "_child", json.dumps(job), str(out_file)],
-        cwd=ROOT, timeout=timeout, capture_output=True, text=True, env={**os.environ, **(env or {})},
-    )
-    log = out_file.with_suffix(".log")
-    log.write_text(done.stdout[-20000:] + "\n----- stderr -----\n" + done.stderr[-60000:])
-    if done.returncode != 0 or not out_file.exists():
-        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
-        result = {"job": job, "error": f"exit {done.returncode}: {tail}"}
+    engine = {"model": job["base"], "arms": job.get("arms"), "engine_args": job.get("engine_args", {}),
+              "baseline": job.get("runner") == "v1-guided-backend"}
+    if job["kind"] == "generate":
+        tasks = [{"name": "generate", "prompt_ids": job["prompt_ids"], "temperature": 0.0, "ignore_eos": True,
+                  "max_tokens": job["max_tokens"], "logprobs": True, "weights_per_prompt": job["weights"]}]
+    else:
+        tasks = speed_tasks(job)
+    worker_job = {"engine": engine, "warmup": job["kind"] == "speed", "tasks": tasks}
+    try:
+        # vLLM's own process layout on the GPU (the worker's default is one in-process engine).
+        done = run_engine_job(worker_job, out_file.parent / "jobs", out_file.stem, timeout=timeout,
+                              env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    except (RuntimeError, subprocess.TimeoutExpired) as err:
+        tail = "\n".join(str(err).strip().splitlines()[-15:])
+        result = {"job": job, "error": tail}
         out_file.write_text(json.dumps(result))
         print(f"[{job['name']}] FAILED after {time.time() - started:.0f}s:\n{tail}", flush=True)
         return result
-    print(f"[{job['name']}] done in {time.time() - started:.0f}s", flush=True)
-    return json.loads(out_file.read_text())
-
-
-def make_llm(job: dict[str, Any]) -> Any:
-    """A vLLM engine: guided (base + arms) or plain, V1 runner or vLLM's defaults."""
-    from vllm import LLM
-
-    engine_args = dict(job.get("engine_args", {}))
-    if job.get("arms"):
-        from server.engine import GuidedModelConfig, guided_llm
-
-        return guided_llm(GuidedModelConfig(base=job["base"], arms=job["arms"]), **engine_args)
-    if job.get("runner") == "v1-guided-backend":
-        # The runner and attention backend the guided engine uses, for a fair base-alone figure.
-        from server import vllm_glue
-
-        vllm_glue.prepare_environment()
-        vllm_glue.register()
-        for key, value in vllm_glue.attention_backend_args().items():
-            engine_args.setdefault(key, value)
-    return LLM(model=job["base"], **engine_args)
-
-
-def child_main(job: dict[str, Any], out_file: Path) -> None:
-    import random
-
-    from vllm import SamplingParams, TokensPrompt
-
-    from server.engine import GuidedModelConfig, weights_extra_args
-
-    llm = make_llm(job)
     result: dict[str, Any] = {"job": job}
     if job["kind"] == "generate":
-        config = GuidedModelConfig(base=job["base"], arms=job["arms"]) if job.get("arms") else None
-        params = []
-        for weights in job["weights"]:
-            extra = weights_extra_args(config, weights) if config else None
-            params.append(SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, ignore_eos=True,
-                                         logprobs=1, extra_args=extra))
-        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompt_ids"]]
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        result["outputs"] = [
-            {"token_ids": list(o.outputs[0].token_ids),
-             "logprobs": [s[t].logprob for s, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]}
-            for o in outputs
-        ]
-    elif job["kind"] == "speed":
-        rng = random.Random(0)
-        dims = list(job.get("arms") or {})
-        vocab = job["vocab"]
-
-        def batch(size: int, new_tokens: int) -> tuple[list, list]:
-            prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(3, vocab) for _ in range(job["prompt_len"])]) for _ in range(size)]
-            params = [
-                SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0.0,
-                               extra_args={f"genarm_weight_{d}": rng.choice([0.5, 1.0, 2.0]) for d in dims} or None)
-                for _ in range(size)
-            ]
-            return prompts, params
-
-        llm.generate(*batch(8, 16), use_tqdm=False)  # warm-up
-        timings = {}
-        for size in job["batches"]:
-            runs = []
-            for _ in range(job.get("repeats", 3)):
-                prompts, params = batch(size, job["new_tokens"])
-                start = time.perf_counter()
-                llm.generate(prompts, params, use_tqdm=False)
-                runs.append(time.perf_counter() - start)
-            wall = statistics.median(runs)
-            timings[str(size)] = {"wall_s": wall, "tokens_per_s": size * job["new_tokens"] / wall, "runs": runs}
-            print(json.dumps({job["name"]: {size: timings[str(size)]}}), flush=True)
-        result["timings"] = timings
+        result["outputs"] = [{"token_ids": per[0]["token_ids"], "logprobs": per[0]["logprobs"]}
+                             for per in done["tasks"][0]["samples"]]
+    else:
+        result["timings"] = speed_timings(job, done["tasks"])
     out_file.write_text(json.dumps(result))
+    print(f"[{job['name']}] done in {time.time() - started:.0f}s", flush=True)
+    return result
+
+
+def speed_tasks(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per batch size, `repeats` timed batches of random prompts, random weights, ignore_eos."""
+    rng = random.Random(0)
+    dims = list(job.get("arms") or {})
+    tasks = []
+    for size in job["batches"]:
+        for repeat in range(job.get("repeats", 3)):
+            prompts = [[rng.randrange(3, job["vocab"]) for _ in range(job["prompt_len"])] for _ in range(size)]
+            weights = [{d: rng.choice([0.5, 1.0, 2.0]) for d in dims} for _ in range(size)] if dims else None
+            tasks.append({"name": f"bs{size}-r{repeat}", "prompt_ids": prompts, "temperature": 0.0, "ignore_eos": True,
+                          "max_tokens": job["new_tokens"], "weights_per_prompt": weights})
+    return tasks
+
+
+def speed_timings(job: dict[str, Any], tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    timings = {}
+    for size in job["batches"]:
+        runs = [t["wall_s"] for t in tasks if t["name"].startswith(f"bs{size}-")]
+        wall = statistics.median(runs)
+        timings[str(size)] = {"wall_s": wall, "tokens_per_s": size * job["new_tokens"] / wall, "runs": runs}
+        print(json.dumps({job["name"]: {size: timings[str(size)]}}), flush=True)
+    return timings
 
 
 # ------------------------------------------------------------------------------------ phases
@@ -456,10 +424,6 @@ GAP_TOLERANCE = 0.1
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "_child":
-        sys.path.insert(0, str(ROOT))
-        child_main(json.loads(sys.argv[2]), Path(sys.argv[3]))
-        return
     parser = argparse.ArgumentParser()
     parser.add_argument("phase", choices=["correctness", "speed", "reference-speed", "report"])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "artifacts/engine")))

@@ -16,11 +16,12 @@ import asyncio
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.vllm_worker import run_engine_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,35 +47,30 @@ def model_setup(kind: str, root: Path) -> dict[str, Any]:
             "batches": [64, 256], "new_tokens": 256, "vocab": SPEED_VOCAB}
 
 
-def tp_child(setup: dict[str, Any], size: int, out: Path) -> None:
-    """Greedy tokens on 32 prompts with mixed weights, then throughput at each batch size."""
-    from vllm import SamplingParams, TokensPrompt
-
-    from server.engine import GuidedModelConfig, guided_llm, weights_extra_args
-
-    config = GuidedModelConfig(base=setup["base"], arms=setup["arms"])
-    args = dict(setup["engine_args"], tensor_parallel_size=size)
-    if size > 1:
-        args["distributed_executor_backend"] = "mp"
-    llm = guided_llm(config, **args)
+def tp_run(setup: dict[str, Any], size: int, out: Path) -> None:
+    """The guided engine at TP=size (bench.vllm_worker): greedy tokens on 32 prompts with mixed
+    weights, then throughput at each batch size."""
     rng = random.Random(0)
     dims = list(setup["arms"])
 
-    def requests(count: int, new_tokens: int, greedy: bool) -> tuple[list, list]:
-        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(3, setup["vocab"]) for _ in range(rng.randint(8, 64))])
-                   for _ in range(count)]
-        params = [SamplingParams(max_tokens=new_tokens, temperature=0.0 if greedy else 0.8, ignore_eos=True,
-                                 extra_args=weights_extra_args(config, {d: rng.choice([0.0, 0.5, 2.0]) for d in dims}))
-                  for _ in range(count)]
-        return prompts, params
+    def task(name: str, count: int, new_tokens: int, greedy: bool) -> dict[str, Any]:
+        prompts = [[rng.randrange(3, setup["vocab"]) for _ in range(rng.randint(8, 64))] for _ in range(count)]
+        weights = [{d: rng.choice([0.0, 0.5, 2.0]) for d in dims} for _ in range(count)]
+        return {"name": name, "prompt_ids": prompts, "temperature": 0.0 if greedy else 0.8, "ignore_eos": True,
+                "max_tokens": new_tokens, "weights_per_prompt": weights}
 
-    tokens = [list(o.outputs[0].token_ids) for o in llm.generate(*requests(32, 32, True), use_tqdm=False)]
+    args = dict(setup["engine_args"], tensor_parallel_size=size)
+    if size > 1:
+        args["distributed_executor_backend"] = "mp"
+    tasks = [task("greedy", 32, 32, True), *(task(f"batch-{b}", b, setup["new_tokens"], False) for b in setup["batches"])]
+    job = {"engine": {"model": setup["base"], "arms": setup["arms"], "engine_args": args}, "warmup": False,
+           "tasks": tasks}
+    done = run_engine_job(job, out.parent / "jobs", out.stem, timeout=1800, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    results = {t["name"]: t for t in done["tasks"]}
+    tokens = [per[0]["token_ids"] for per in results["greedy"]["samples"]]
     timings = {}
     for batch in setup["batches"]:
-        prompts, params = requests(batch, setup["new_tokens"], False)
-        start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        wall = time.perf_counter() - start
+        wall = results[f"batch-{batch}"]["wall_s"]
         timings[str(batch)] = {"wall_s": wall, "tokens_per_s": batch * setup["new_tokens"] / wall}
     out.write_text(json.dumps({"tp": size, "greedy_tokens": tokens, "timings": timings}))
 
@@ -141,10 +137,6 @@ def report(out: Path) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "_tp_child":
-        sys.path.insert(0, str(ROOT))
-        tp_child(json.loads(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
-        return
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["tp", "dp", "report"])
     parser.add_argument("--size", type=int, default=2)
@@ -158,9 +150,7 @@ def main() -> None:
         for size in sorted({1, args.size}):
             target = args.out / f"{args.mode}-{size}.json"
             if args.mode == "tp":
-                env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-                subprocess.run([sys.executable, "-m", "bench.multigpu", "_tp_child", json.dumps(setup), str(size), str(target)],
-                               cwd=ROOT, env=env, check=True, timeout=1800)
+                tp_run(setup, size, target)
             else:
                 dp_run(setup, size, target, args.requests)
     report(args.out)

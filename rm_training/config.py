@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from genarm_common.settings import load_settings
 
 MODES = ("lora", "qlora", "full")
 DATA_FORMATS = ("auto", "pairs", "hh", "pku", "messages")
@@ -163,21 +163,8 @@ FIELD_NAMES = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML file of TrainConfig fields; unknown keys are refused (a typo must not pass silently)."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config file {file} does not exist")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {file} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {file} must hold a mapping of settings")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - FIELD_NAMES)
-    if unknown:
-        raise ConfigError(f"config file {file}: unknown setting(s) {unknown}")
-    return data
+    """A YAML file of TrainConfig fields (keys may be spelled like flags: learning-rate)."""
+    return load_settings(path, FIELD_NAMES, ConfigError, dashes=True)
 
 
 def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from genarm_common.folders import make_shared, replace_dir, staging_dir
+from genarm_common.lora_merge import merge_lora, recorded_base
 
 ARM_INFO = "genarm_arm.json"
 ARM_INFO_FORMAT = "genarm-arm/1"
@@ -57,22 +58,11 @@ def finish_folder(folder: Path, info: dict[str, Any], kind: str) -> None:
         f"Serve it beside its base: `genarm-serve --base BASE --arm {info.get('dimension')}=THIS_FOLDER`.\n"
         "Training data, split, metrics and the command are in `genarm_arm.json`.\n"
     )
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
+    make_shared(folder)
 
 
 def read_arm_info(folder: str | Path) -> dict[str, Any]:
     return json.loads((Path(folder) / ARM_INFO).read_text())
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
 
 
 def merge_adapter(
@@ -82,29 +72,19 @@ def merge_adapter(
     dtype: str = "auto",
     info: dict[str, Any] | None = None,
 ) -> Path:
-    """Load base + adapter, merge the LoRA weights in, save a plain HF folder (safetensors)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Merge the adapter into its base (genarm_common.lora_merge), save a plain HF folder with its
+    genarm_arm.json; an existing out_dir is replaced."""
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if info is None and (adapter_dir / ARM_INFO).is_file():
         info = read_arm_info(adapter_dir)
     if base is None:
-        base = (info or {}).get("trained_from") or json.loads(
-            (adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch_dtype)
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        base = (info or {}).get("trained_from") or recorded_base(adapter_dir)
+    tmp = staging_dir(out_dir)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        merge_lora(adapter_dir, Path(base), tmp, dtype)
         info = {k: v for k, v in (info or {}).items() if k not in ("format", "kind")}
         finish_folder(tmp, info, "merged")
-        _swap_in(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -50,7 +50,7 @@ def _data_fingerprint(data: PreparedData, cfg: TrainConfig) -> str:
 
 def check_base_tokenizer(cfg: TrainConfig, tokenizer) -> str | None:
     """The ARM must share the base's tokenizer (the server refuses otherwise): check it now."""
-    from server.compat import describe_tokenizer_difference, load_tokenizer
+    from genarm_common.model_checks import describe_tokenizer_difference, load_tokenizer
 
     if not cfg.base_model or cfg.base_model == cfg.model or not Path(cfg.base_model).expanduser().is_dir():
         return None
@@ -65,11 +65,11 @@ def check_base_tokenizer(cfg: TrainConfig, tokenizer) -> str | None:
 
 
 def resolve_model(name_or_path: str, state=None) -> str:
-    """A local folder (made absolute), a name server.model_fetch knows (fetched once), or a hub id."""
+    """A local folder (made absolute), a name genarm_common.model_fetch knows (fetched once), or a hub id."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         return str(path.resolve())
-    from server.model_fetch import KNOWN_MODELS, fetch_model
+    from genarm_common.model_fetch import KNOWN_MODELS, fetch_model
 
     if name_or_path.strip().lower() in KNOWN_MODELS:
         if state is None:
@@ -224,7 +224,7 @@ def _final_metrics(trainer, data: PreparedData, cfg: TrainConfig, world: int, tr
 
 
 def known_model_name(folder: str | None) -> str | None:
-    """The server.model_fetch name of a model folder it wrote (genarm_source.json), else None."""
+    """The genarm_common.model_fetch name of a model folder it wrote (genarm_source.json), else None."""
     source = Path(folder).expanduser() / "genarm_source.json" if folder else None
     if source is None or not source.is_file():
         return None
@@ -236,12 +236,12 @@ def known_model_name(folder: str | None) -> str | None:
 
 def _arm_info(cfg: TrainConfig, tokenizer, data: PreparedData, metrics: dict[str, Any]) -> dict[str, Any]:
     from rm_training.export import package_versions
-    from server.compat import tokenizer_fingerprint
+    from genarm_common.model_checks import tokenizer_fingerprint
 
     info: dict[str, Any] = {
         "dimension": cfg.dimension,
         "base_model": cfg.base_model,
-        # A name server.model_fetch can fetch anywhere (the server uses it when base_model's path is absent).
+        # A name genarm_common.model_fetch can fetch anywhere (the server uses it when base_model's path is absent).
         "base_model_name": known_model_name(cfg.base_model) or known_model_name(cfg.model),
         "trained_from": cfg.model,
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),

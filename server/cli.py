@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from server.compat import SetupError
+from genarm_common.errors import SetupError
 from server.config import parse_args
 
 
@@ -15,15 +15,15 @@ def main(argv: list[str] | None = None) -> None:
             from server.defaults import default_model
 
             config.model = default_model()
+        from genarm_common.model_fetch import resolve_model_ref
         from server.adapters import resolve_arms
-        from server.model_fetch import resolve_model_ref
 
         model = config.model
         model.base = resolve_model_ref(model.base)
         model.arms = resolve_arms(model.base, {name: resolve_model_ref(p) for name, p in model.arms.items()})
-        from server import vllm_glue
+        from server.vllm_glue.launcher import run_openai_server
 
-        vllm_glue.run_openai_server(config)
+        run_openai_server(config)
     except SetupError as err:
         for line in str(err).splitlines():
             print(f"genarm-serve: error: {line}", file=sys.stderr)

@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from server.compat import SetupError
+from genarm_common.errors import SetupError
+from genarm_common.settings import load_settings
 from server.engine import GuidedModelConfig
 
 API_KEY_ENV = "GENARM_API_KEY"
@@ -84,22 +82,6 @@ def _positive_int(value: Any, what: str) -> int:
     return number
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise SetupError(f"config file {file} does not exist")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise SetupError(f"config file {file} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise SetupError(f"config file {file} must hold a mapping of settings")
-    unknown = sorted(set(data) - YAML_KEYS)
-    if unknown:
-        raise SetupError(f"config file {file}: unknown setting(s) {unknown}; known: {sorted(YAML_KEYS)}")
-    return data
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="genarm-serve",
@@ -129,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str]) -> ServeConfig:
     """Command line (+ YAML) -> ServeConfig; raises SetupError with one line on a bad value."""
     args, passthrough = build_parser().parse_known_args(argv)
-    data = load_yaml(args.config) if args.config else {}
+    data = load_settings(args.config, YAML_KEYS) if args.config else {}
 
     arms: dict[str, str] = {str(k): str(v) for k, v in (data.get("arms") or {}).items()}
     seen: set[str] = set()

@@ -16,6 +16,7 @@ seconds and decodes somewhat slower (bench/results/startup_cpu.md); `--no-enforc
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 from transformers import AutoConfig
 
-from server.compat import SetupError
+from genarm_common.errors import SetupError
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -118,3 +119,25 @@ def choose_kv_cache_bytes(
     useful = one_sequence * max_num_seqs
     chosen = max(minimum, min(int(spare * SPARE_SHARE), useful, MAX_AUTO_BYTES) // MIB * MIB)
     return KVCacheChoice(bytes=chosen, free_bytes=free_bytes, weight_bytes=weights, min_bytes=minimum)
+
+
+def apply_cpu_defaults(args: dict[str, Any], folders: list[Path], free_bytes: int | None) -> None:
+    """On a CPU-only platform (`free_bytes` is what vLLM's CPU worker counts; None elsewhere): a
+    KV-cache size that fits the free memory, and eager mode, where the user chose neither;
+    elsewhere vLLM's defaults stand."""
+    if free_bytes is None:
+        return
+    if not user_chose_compilation(args):
+        args["enforce_eager"] = True
+        print(f"genarm-serve: {EAGER_NOTE}", file=sys.stderr, flush=True)
+    if user_chose_size(args):
+        return
+    dtype = args.get("dtype")
+    workers = int(args.get("tensor_parallel_size") or 1) * int(args.get("data_parallel_size") or 1)
+    choice = choose_kv_cache_bytes(
+        free_bytes, weight_bytes(folders, dtype), kv_bytes_per_token(folders, dtype),
+        max_model_len=int(args.get("max_model_len") or 2048), max_num_seqs=int(args.get("max_num_seqs") or 256),
+        workers=workers,
+    )
+    args["kv_cache_memory_bytes"] = choice.bytes
+    print(f"genarm-serve: {choice.describe()}", file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server.compat import SetupError
+from genarm_common.errors import SetupError
 from server.engine import GuidedModelConfig
 
 DEFAULT_BASE = "smollm2-135m-instruct"
@@ -22,7 +22,7 @@ DEFAULT_WEIGHTS = {"positive": 0.5, "objective": 0.0}
 
 
 def default_model() -> GuidedModelConfig:
-    from server.model_fetch import fetch_model
+    from genarm_common.model_fetch import fetch_model
 
     arms = {dim: DEFAULT_ARMS_DIR / dim for dim in DEFAULT_DIMENSIONS}
     missing = [str(path) for path in arms.values() if not (path / "adapter_config.json").is_file()]

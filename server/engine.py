@@ -1,28 +1,21 @@
 """The guided engine: one vLLM engine stepping a base and its ARMs, weights per request.
 
-This module decides *what* the engine is (checks, limits, engine arguments); `vllm_glue` is the
-only place that knows *how* vLLM does it.
+This module decides *what* the engine is (checks, limits, engine arguments); `server.vllm_glue` is
+the only place that knows *how* vLLM does it.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import AutoConfig
 
-from server.compat import FusionSetup, SetupError, check_fusion_setup
-from server.cpu_defaults import (
-    EAGER_NOTE,
-    choose_kv_cache_bytes,
-    kv_bytes_per_token,
-    user_chose_compilation,
-    user_chose_size,
-    weight_bytes,
-)
+from genarm_common.errors import SetupError
+from genarm_common.model_checks import FusionSetup, check_fusion_setup
+from server.cpu_defaults import apply_cpu_defaults
 from server.fusion import WeightError
 from server.guidance import GuidanceSpec
 
@@ -86,7 +79,10 @@ def guided_engine_args(
 
     The result feeds `vllm.LLM(**args)` or `AsyncEngineArgs(**args)`.
     """
-    from server import vllm_glue
+    from server.vllm_glue.attention import attention_backend_args, user_chose_attention_backend
+    from server.vllm_glue.cpu_memory import cpu_free_memory_bytes
+    from server.vllm_glue.spec import engine_overrides
+    from server.vllm_glue.weights import weights_processor
 
     model.validate()
     args = dict(engine_args or {})
@@ -107,50 +103,47 @@ def guided_engine_args(
                 f"max_model_len {asked} exceeds the {limit} positions the smallest model supports"
             )
         args.setdefault("max_model_len", limit)
-    apply_cpu_defaults(args, [setup.base.path, *(f.path for f in setup.arms.values())])
+    apply_cpu_defaults(args, [setup.base.path, *(f.path for f in setup.arms.values())], cpu_free_memory_bytes())
     spec = model.guidance()
     spec.arm_paths = [str(f.path.resolve()) for f in setup.arms.values()]
     spec.base_architectures = list(AutoConfig.from_pretrained(setup.base.path).architectures or [])
     spec.vocab_size = setup.vocab_size
     overrides = dict(args.pop("hf_overrides", None) or {})
-    overrides.update(vllm_glue.engine_overrides(spec))
-    if not vllm_glue.user_chose_attention_backend(args):
-        args.update(vllm_glue.attention_backend_args())
+    overrides.update(engine_overrides(spec))
+    if not user_chose_attention_backend(args):
+        args.update(attention_backend_args())
     args.update(
         model=str(setup.base.path),
         hf_overrides=overrides,
-        logits_processors=[*(args.get("logits_processors") or []), vllm_glue.WEIGHTS_PROCESSOR],
+        # A processor class bound to this spec: requests are checked against this engine's own.
+        logits_processors=[*(args.get("logits_processors") or []), weights_processor(spec)],
     )
     if model.served_model_name:
         args.setdefault("served_model_name", model.served_model_name)
-    vllm_glue.prepare_environment()
-    vllm_glue.register()
-    spec.publish()
+    prepare_guided_runtime()
     return args, setup
 
 
-def apply_cpu_defaults(args: dict[str, Any], folders: list[Any]) -> None:
-    """On a CPU-only platform: a KV-cache size that fits the free memory, and eager mode, where the
-    user chose neither (server.cpu_defaults says why); elsewhere vLLM's defaults stand."""
-    from server import vllm_glue
+def prepare_guided_runtime() -> None:
+    """This process runs engines on the guided engine's model runner, with its model and attention
+    backend registered (also for a plain base-alone baseline on the same runner and backend)."""
+    from server.vllm_glue.plugin import register
+    from server.vllm_glue.runner import prepare_environment
 
-    free = vllm_glue.cpu_free_memory_bytes()
-    if free is None:
-        return
-    if not user_chose_compilation(args):
-        args["enforce_eager"] = True
-        print(f"genarm-serve: {EAGER_NOTE}", file=sys.stderr, flush=True)
-    if user_chose_size(args):
-        return
-    dtype = args.get("dtype")
-    workers = int(args.get("tensor_parallel_size") or 1) * int(args.get("data_parallel_size") or 1)
-    choice = choose_kv_cache_bytes(
-        free, weight_bytes(folders, dtype), kv_bytes_per_token(folders, dtype),
-        max_model_len=int(args.get("max_model_len") or 2048), max_num_seqs=int(args.get("max_num_seqs") or 256),
-        workers=workers,
-    )
-    args["kv_cache_memory_bytes"] = choice.bytes
-    print(f"genarm-serve: {choice.describe()}", file=sys.stderr, flush=True)
+    prepare_environment()
+    register()
+
+
+def baseline_engine_args(engine_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Engine args for a plain model on the guided engine's runner and attention backend: a fair
+    base-alone figure beside the guided engine."""
+    from server.vllm_glue.attention import attention_backend_args, user_chose_attention_backend
+
+    prepare_guided_runtime()
+    args = dict(engine_args or {})
+    if not user_chose_attention_backend(args):
+        args.update(attention_backend_args())
+    return args
 
 
 def weights_extra_args(model: GuidedModelConfig, weights: Mapping[str, float] | None) -> dict[str, float]:

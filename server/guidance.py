@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 from server.fusion import WeightError, validate_weight_value
 
 WEIGHT_ARG_PREFIX = "genarm_weight_"  # SamplingParams.extra_args / vllm_xargs key per dimension
-SPEC_ENV = "GENARM_SPEC"  # the spec as JSON, for every process of a server (request validation)
 
 
 @dataclass
@@ -27,10 +25,11 @@ class GuidanceSpec:
     # What the engine fuses (empty where only validation is needed):
     arm_paths: list[str] = field(default_factory=list)
     base_architectures: list[str] = field(default_factory=list)
-    vocab_size: int = 0  # ids the fused step covers (see server.compat.fused_vocab_size)
+    vocab_size: int = 0  # ids the fused step covers (see genarm_common.model_checks.fused_vocab_size)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        """Canonical JSON (sorted keys): equal specs give equal text."""
+        return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GuidanceSpec:
@@ -74,15 +73,6 @@ class GuidanceSpec:
 
     def as_mapping(self, row: list[float]) -> dict[str, float]:
         return dict(zip(self.dimensions, row, strict=True))
-
-    def publish(self) -> None:
-        """Make the spec visible to request validation in this process and those it spawns."""
-        os.environ[SPEC_ENV] = self.to_json()
-
-    @classmethod
-    def published(cls) -> GuidanceSpec | None:
-        raw = os.environ.get(SPEC_ENV)
-        return cls.from_dict(json.loads(raw)) if raw else None
 
 
 def unbounded_spec(dimensions: list[str]) -> GuidanceSpec:

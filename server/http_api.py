@@ -1,5 +1,6 @@
 """What the HTTP API adds to vLLM's OpenAI server: the `alignment` field, its echo, the reward
-dimensions on /v1/models, backpressure, and metrics. Plain ASGI: nothing here knows vLLM.
+dimensions on /v1/models, backpressure, and metrics. Plain ASGI: nothing here knows vLLM (the
+endpoint plugin fills `HttpSettings` from the engine it serves).
 
 A request may carry `"alignment": {"weights": {"harmless": 1.0}}` on /v1/completions and
 /v1/chat/completions. It is validated here (HTTP 400 naming the field) and handed to vLLM as
@@ -8,20 +9,22 @@ table as SamplingParams.extra_args. The weights used come back as `alignment` be
 (and in the first chunk of a stream).
 
 Why a middleware and not a route: vLLM owns the completion routes (streaming, n, logprobs,
-aborts on disconnect...); we only rewrite their JSON on the way in and out.
+aborts on disconnect...); we only rewrite their JSON on the way in and out. vLLM's other
+generation endpoints (/v1/responses, /v1/messages, ...) would serve guided text without the
+weights' echo or the capacity limit: they are refused with 404 and left out of /openapi.json.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
-
-from prometheus_client import Counter, Gauge, Histogram
 
 from server.fusion import WeightError
 from server.guidance import GuidanceSpec
+from server.metrics import DIMENSION_REQUESTS, INFLIGHT, REJECTED, REQUEST_LIMIT, REQUESTS, WEIGHTS
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -29,18 +32,38 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
-HTTP_ENV = "GENARM_HTTP"  # JSON: {"max_inflight": int}
+# vLLM's other routes that generate text: served without `alignment`, its echo or the limit.
+REFUSED_PATHS = ("/v1/responses", "/v1/messages", "/v1/chat/completions/batch", "/inference/v1/generate")
 
-REQUESTS = Counter("genarm_requests", "Generation requests admitted, by mode", ["mode"])
-DIMENSION_REQUESTS = Counter(
-    "genarm_dimension_requests", "Requests with a non-zero weight on a reward dimension", ["dimension"]
-)
-WEIGHTS = Histogram(
-    "genarm_request_weight", "Weight each request gave each reward dimension", ["dimension"],
-    buckets=(-1.0, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
-)
-REJECTED = Counter("genarm_rejected_requests", "Requests refused, by reason", ["reason"])
-INFLIGHT = Gauge("genarm_inflight_requests", "Generation requests being served or queued")
+
+@dataclass
+class HttpSettings:
+    """What the middleware serves with, filled from the engine once it runs (see
+    server.vllm_glue.endpoint); until then requests pass through untouched."""
+
+    spec: GuidanceSpec | None = None
+    max_inflight: int | None = None  # requests admitted at once by this API server process
+
+    def serve(self, spec: GuidanceSpec, max_inflight: int) -> None:
+        self.spec, self.max_inflight = spec, max_inflight
+        REQUEST_LIMIT.set(max_inflight)
+        for name in spec.dimensions:  # every series exists from the start, at 0
+            DIMENSION_REQUESTS.labels(dimension=name)
+
+
+def request_limit(max_running: int, max_waiting: int, api_servers: int = 1) -> int:
+    """Requests one API server process admits at once: its share of what the engine runs
+    (max_num_seqs x data-parallel engines, as the engine resolved them) plus the queue allowed."""
+    return math.ceil((max_running + max_waiting) / max(1, api_servers))
+
+
+def route_path(scope: Scope) -> str:
+    """The path as vLLM's router matches it: without a root path left in front by a proxy, and
+    without a trailing slash."""
+    path, root = scope["path"], scope.get("root_path") or ""
+    if root and path.startswith(root + "/"):
+        path = path[len(root):]
+    return path.rstrip("/") or "/"
 
 
 class RequestError(Exception):
@@ -51,7 +74,7 @@ class RequestError(Exception):
 
 def error_body(status: int, message: str, param: str | None = None) -> bytes:
     """The error body vLLM's server uses (OpenAI style)."""
-    kind = {400: "BadRequestError", 429: "TooManyRequestsError"}.get(status, "Error")
+    kind = {400: "BadRequestError", 404: "NotFoundError", 429: "TooManyRequestsError"}.get(status, "Error")
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}).encode()
 
 
@@ -201,23 +224,32 @@ class JsonResponseEditor:
 
 
 class AlignmentMiddleware:
-    """ASGI middleware for vLLM's app; its settings come from the environment that
-    `genarm-serve` prepares (GENARM_SPEC for the dimensions, GENARM_HTTP for the limits)."""
+    """ASGI middleware for vLLM's app, serving with `settings` (spec, limit) from the engine."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+    def __init__(self, app: Callable[..., Awaitable[None]], settings: HttpSettings) -> None:
         self.app = app
-        self.spec = GuidanceSpec.published()
-        settings = json.loads(os.environ.get(HTTP_ENV) or "{}")
-        self.max_inflight = int(settings.get("max_inflight", 0)) or None
+        self.settings = settings
         self.inflight = 0
+
+    @property
+    def spec(self) -> GuidanceSpec | None:
+        return self.settings.spec
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self.spec is None:
             await self.app(scope, receive, send)
             return
-        path, method = scope["path"], scope["method"]
+        path, method = route_path(scope), scope["method"]
         if method == "POST" and path in GENERATION_PATHS:
+            # Served at the slash-less path (vLLM would answer a redirect to it otherwise).
+            raw = scope.get("raw_path")
+            scope = {**scope, "path": scope["path"].rstrip("/"), "raw_path": raw.rstrip(b"/") if raw else raw}
             await self._generate(scope, receive, send)
+        elif method == "POST" and path in REFUSED_PATHS:
+            REJECTED.labels(reason="unsupported_endpoint").inc()
+            message = (f"{path} is not served with GenARM guidance; use {' or '.join(GENERATION_PATHS)} "
+                       "(they take `alignment` and echo the weights used)")
+            await send_json(send, 404, error_body(404, message))
         elif method == "GET" and path == "/v1/models":
             await self.app(scope, receive, JsonResponseEditor(send, self._add_dimensions))
         else:
@@ -245,11 +277,12 @@ class AlignmentMiddleware:
             REJECTED.labels(reason="bad_alignment").inc()
             await send_json(send, 400, error_body(400, str(err), err.param))
             return
-        if self.max_inflight is not None and self.inflight >= self.max_inflight:
+        limit = self.settings.max_inflight
+        if limit is not None and self.inflight >= limit:
             REJECTED.labels(reason="queue_full").inc()
             await send_json(
                 send, 429,
-                error_body(429, f"the server is at capacity ({self.max_inflight} requests in flight); retry shortly"),
+                error_body(429, f"the server is at capacity ({limit} requests in flight); retry shortly"),
                 [(b"retry-after", b"1")],
             )
             return
@@ -273,7 +306,10 @@ class AlignmentMiddleware:
 
 
 def patch_openapi(schema: dict[str, Any], spec: GuidanceSpec | None) -> dict[str, Any]:
-    """Document `alignment` on the generation requests and responses, and on /v1/models."""
+    """Document `alignment` on the generation requests and responses, and on /v1/models; leave
+    out the generation endpoints the middleware refuses."""
+    for path in REFUSED_PATHS:
+        schema.get("paths", {}).pop(path, None)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     names = spec.dimensions if spec else []
     weights = {

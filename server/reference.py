@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from server.compat import FusionSetup, check_fusion_setup, load_tokenizer
+from genarm_common.model_checks import FusionSetup, check_fusion_setup, load_tokenizer
 from server.fusion import fused_logprobs, sample_next_tokens
 from server.guidance import unbounded_spec
 

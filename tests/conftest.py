@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,12 @@ def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def foreign_arm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_foreign_model(tmp_path_factory.mktemp("foreign"))
+
+
+@pytest.fixture()
+def test_seed() -> int:
+    """The seed of a test's random inputs: GENARM_TEST_SEED when set, else a fresh one each run;
+    printed, so a failure names the seed that reproduces it."""
+    seed = int(os.environ.get("GENARM_TEST_SEED") or random.SystemRandom().randrange(2**31))
+    print(f"random inputs from GENARM_TEST_SEED={seed}")
+    return seed

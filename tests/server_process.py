@@ -32,7 +32,6 @@ class ServerProcess:
         environment = {
             **inherited,
             "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
-            "GENARM_SPEC": "",
             **(env or {}),
         }
         self.proc = subprocess.Popen(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -10,21 +11,33 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from genarm_common.errors import SetupError
+from genarm_common.folders import publish_once, staging_dir
+from genarm_common.model_checks import check_fusion_setup
 from server.adapters import resolve_arms
-from server.compat import check_fusion_setup
+
+
+def make_adapter(model_dir: Path, out: Path) -> Path:
+    """A LoRA adapter on `model_dir` that changes the model (B starts at zero otherwise)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))
+    for name, param in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    peft.save_pretrained(out)
+    return out
+
+
+def peft_logits(model_dir: Path, adapter: Path, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        return PeftModel.from_pretrained(model, adapter)(ids).logits
 
 
 @pytest.fixture()
 def adapter(tiny_family: dict[str, Path], tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_family["llama-arm-narrow"], dtype=torch.float32)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))
-    for name, param in peft.named_parameters():
-        if "lora_B" in name:  # B starts at zero: make the adapter actually change the model
-            torch.nn.init.normal_(param, std=0.5)
-    out = tmp_path / "adapter"
-    peft.save_pretrained(out)
-    return out
+    return make_adapter(tiny_family["llama-arm-narrow"], tmp_path / "adapter")
 
 
 def test_adapter_is_merged_once_and_matches_peft(
@@ -35,10 +48,8 @@ def test_adapter_is_merged_once_and_matches_peft(
     merged = Path(resolve_arms(base, {"harmless": str(adapter)})["harmless"])
     assert merged.is_relative_to(tmp_path / "cache") and (merged / "config.json").is_file()
     ids = torch.tensor([[5, 17, 42, 99, 3]])
+    want = peft_logits(tiny_family["llama-arm-narrow"], adapter, ids)
     with torch.inference_mode():
-        want = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(tiny_family["llama-arm-narrow"], dtype=torch.float32), adapter
-        )(ids).logits
         got = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(ids).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # float32 base: merged in float32
     stamp = (merged / "config.json").stat().st_mtime_ns
@@ -53,22 +64,50 @@ def test_plain_folders_pass_through(tiny_family: dict[str, Path]) -> None:
 
 
 def test_adapter_of_a_missing_base_falls_back_to_the_serving_base(
+    tiny_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("GENARM_CACHE", str(tmp_path / "cache"))
+    # Trained on a copy of the base that is gone now (another machine's path).
+    adapter = make_adapter(tiny_family["llama-base"], tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "/nowhere/model"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="genarm.adapters"):
+        merged = Path(resolve_arms(str(tiny_family["llama-base"]), {"harmless": str(adapter)})["harmless"])
+    assert any("merging onto the serving base" in r.getMessage() for r in caplog.records)
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.inference_mode():
+        got = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(got, peft_logits(tiny_family["llama-base"], adapter, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_an_adapter_that_does_not_fit_its_base_fails_in_one_line(
     adapter: Path, tiny_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GENARM_CACHE", str(tmp_path / "cache"))
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "/nowhere/model"
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    # The tiny narrow ARM and the base differ in shape: merging onto the base must fail clearly.
-    from server.compat import SetupError
-
-    with pytest.raises(SetupError, match="cannot merge"):
+    # The narrow ARM's adapter does not fit the base's shapes: the merge fails clearly, nothing is cached.
+    with pytest.raises(SetupError, match="cannot merge") as err:
         resolve_arms(str(tiny_family["llama-base"]), {"harmless": str(adapter)})
+    assert "\n" not in str(err.value)
+    assert not list((tmp_path / "cache" / "merged").iterdir())
+
+
+def test_replicas_merging_the_same_adapter_at_once_share_one_folder(tmp_path: Path) -> None:
+    """Two writers of one cached folder: the one that renames second keeps the first one's folder."""
+    target = tmp_path / "merged" / "abc"
+    first, second = staging_dir(target), staging_dir(target)
+    (first / "config.json").write_text("{}")
+    (second / "config.json").write_text("{}")
+    assert publish_once(first, target) == target
+    assert publish_once(second, target) == target  # rename onto a non-empty folder: the loser's copy goes
+    assert (target / "config.json").is_file() and sorted(p.name for p in target.parent.iterdir()) == ["abc"]
 
 
 def test_model_references_resolve_or_fail_in_one_line(tiny_family: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    from server.compat import SetupError
-    from server.model_fetch import resolve_model_ref
+    from genarm_common.model_fetch import resolve_model_ref
 
     assert resolve_model_ref(str(tiny_family["llama-base"])) == str(tiny_family["llama-base"])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -7,9 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from server.compat import SetupError
-from server.cpu_defaults import GIB, MAX_AUTO_BYTES, RUNTIME_OVERHEAD_BYTES, choose_kv_cache_bytes, kv_bytes_per_token
-from server.engine import apply_cpu_defaults
+from genarm_common.errors import SetupError
+from server.cpu_defaults import (
+    GIB,
+    MAX_AUTO_BYTES,
+    RUNTIME_OVERHEAD_BYTES,
+    apply_cpu_defaults,
+    choose_kv_cache_bytes,
+    kv_bytes_per_token,
+)
+from server.vllm_glue.cpu_memory import cpu_free_memory_bytes
 
 
 def test_half_of_what_is_spare_within_bounds() -> None:
@@ -44,15 +51,21 @@ def test_applied_only_where_the_user_chose_nothing(tiny_family: dict[str, Path],
                                                    monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     folders = [tiny_family["llama-base"], tiny_family["llama-arm-narrow"]]
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    free = cpu_free_memory_bytes()
+    assert free is not None, "this is a CPU-only machine"
     args: dict = {"max_model_len": 256, "dtype": "float32"}
-    apply_cpu_defaults(args, folders)
+    apply_cpu_defaults(args, folders, free)
     assert args["enforce_eager"] is True and args["kv_cache_memory_bytes"] > 0
     err = capsys.readouterr().err
     assert "CPU KV cache" in err and "eager mode" in err
     chosen = {"max_model_len": 256, "kv_cache_memory_bytes": 1 << 26, "enforce_eager": False}
-    apply_cpu_defaults(chosen, folders)
+    apply_cpu_defaults(chosen, folders, free)
     assert chosen == {"max_model_len": 256, "kv_cache_memory_bytes": 1 << 26, "enforce_eager": False}
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
     by_env: dict = {"max_model_len": 256}
-    apply_cpu_defaults(by_env, folders)
+    apply_cpu_defaults(by_env, folders, free)
+    assert "kv_cache_memory_bytes" not in by_env
+    on_a_gpu: dict = {"max_model_len": 256}
+    apply_cpu_defaults(on_a_gpu, folders, None)
+    assert on_a_gpu == {"max_model_len": 256}
     assert "kv_cache_memory_bytes" not in by_env

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from server.defaults import DEFAULT_BASE
-from server.model_fetch import fetch_model
+from genarm_common.model_fetch import fetch_model
 from tests.server_process import ROOT, ServerProcess
 
 API_KEY = "playground-key"

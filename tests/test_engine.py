@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import logging
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from prometheus_client import REGISTRY
 from vllm import LLM, SamplingParams
+from vllm.engine.arg_utils import EngineArgs
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-from server import vllm_glue
-from server.compat import SetupError
+from genarm_common.errors import SetupError
 from server.engine import GuidedModelConfig, guided_engine_args, guided_llm, weights_extra_args
 from server.fusion import WeightError
 from server.reference import ReferenceGuidedGenerator, SamplingOptions
+from server.vllm_glue.model import compile_cache_keys
+from server.vllm_glue.spec import engine_spec
+from server import metrics
+from server.vllm_glue.weights import GenARMWeights, WeightRows, step_weights
+from bench.vllm_worker import run_engine_job
 from tests.tiny_family import corpus_lines
-from tests.vllm_child import generate_in_child
 
 ENGINE_ARGS = dict(
     dtype="float32",
@@ -80,6 +89,29 @@ def run(llm: LLM, config: GuidedModelConfig, prompts: list[str], weights: list[d
     return llm.generate(prompts, params, use_tqdm=False)
 
 
+def fallbacks() -> dict[str, float]:
+    """genarm_guidance_fallbacks_total by reason, in this process (the in-process engine's)."""
+    return {reason: REGISTRY.get_sample_value("genarm_guidance_fallbacks_total", {"reason": reason}) or 0.0
+            for reason in metrics.FALLBACK_REASONS}
+
+
+def separate_processor(config: GuidedModelConfig) -> GenARMWeights:
+    """A weights processor of an engine config vLLM builds from the same arguments as `guided`'s,
+    but its own: the running engine keeps its own table."""
+    args, _ = guided_engine_args(config, ENGINE_ARGS)
+    return GenARMWeights(EngineArgs(**args).create_engine_config(), torch.device("cpu"), False)
+
+
+def greedy_in_child(workdir: Path, model: str, prompts: list[str], arms: dict[str, str] | None = None,
+                    weights: list[dict[str, float]] | None = None) -> list[dict]:
+    """Greedy outputs (token ids, log-probs) of another engine, run in a child process: plain vLLM
+    on `model`, or the guided engine when `arms` is given (weights per prompt)."""
+    task = {"name": "greedy", "prompts": prompts, "temperature": 0.0, "max_tokens": MAX_TOKENS, "ignore_eos": True,
+            "logprobs": True, "weights_per_prompt": weights}
+    job = {"engine": {"model": model, "arms": arms, "engine_args": ENGINE_ARGS}, "warmup": False, "tasks": [task]}
+    return [per[0] for per in run_engine_job(job, workdir, "child", timeout=900)["tasks"][0]["samples"]]
+
+
 def assert_matches_reference(outputs: list, expected: list) -> None:
     for out, ref in zip(outputs, expected, strict=True):
         assert list(out.outputs[0].token_ids) == ref.token_ids
@@ -87,9 +119,9 @@ def assert_matches_reference(outputs: list, expected: list) -> None:
 
 
 def test_greedy_matches_reference_with_mixed_weights(
-    guided: LLM, reference: ReferenceGuidedGenerator, llama_config: GuidedModelConfig
+    guided: LLM, reference: ReferenceGuidedGenerator, llama_config: GuidedModelConfig, test_seed: int
 ) -> None:
-    prompts = make_prompts(16, seed=int(np.random.default_rng().integers(1 << 30)))
+    prompts = make_prompts(16, seed=test_seed)  # fresh each run; the seed is printed
     weights = random_weights(llama_config.dimensions, 16, seed=len(prompts[0]))
     outputs = run(guided, llama_config, prompts, weights)
     expected = reference.generate(prompts, weights, SamplingOptions(max_tokens=MAX_TOKENS, ignore_eos=True))
@@ -97,12 +129,9 @@ def test_greedy_matches_reference_with_mixed_weights(
     assert any(len(guided.get_tokenizer()(p).input_ids) > ENGINE_ARGS["max_num_batched_tokens"] for p in prompts)
 
 
-def test_zero_weights_equal_plain_vllm(guided: LLM, llama_config: GuidedModelConfig) -> None:
+def test_zero_weights_equal_plain_vllm(guided: LLM, llama_config: GuidedModelConfig, tmp_path: Path) -> None:
     prompts = make_prompts(8, seed=5)
-    expected = generate_in_child(
-        llama_config.base, prompts,
-        dict(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=1), ENGINE_ARGS,
-    )
+    expected = greedy_in_child(tmp_path, llama_config.base, prompts)
     outputs = run(guided, llama_config, prompts, [{}] * len(prompts))
     for out, ref in zip(outputs, expected, strict=True):
         assert list(out.outputs[0].token_ids) == ref["token_ids"]
@@ -131,7 +160,9 @@ def test_weights_differ_per_request_in_one_batch(
 ) -> None:
     prompt = make_prompts(1, seed=3)[0]
     weights: list[dict[str, float] | None] = [{}, {"harmless": 2.0}, {"helpful": 2.0}, {"honest": 2.0}, None]
+    before = fallbacks()
     outputs = run(guided, llama_config, [prompt] * 5, weights)
+    assert fallbacks() == before  # every row was guided as asked
     resolved = [w if w is not None else {} for w in weights]  # no server defaults configured
     expected = reference.generate([prompt] * 5, resolved, SamplingOptions(max_tokens=MAX_TOKENS, ignore_eos=True))
     assert_matches_reference(outputs, expected)
@@ -167,7 +198,7 @@ def test_seeded_sampling_and_n(guided: LLM, llama_config: GuidedModelConfig) -> 
     second = guided.generate([prompt], params, use_tqdm=False)[0]
     assert len(first.outputs) == 3
     assert [o.token_ids for o in first.outputs] == [o.token_ids for o in second.outputs]
-    vocab = vllm_glue.spec_from_hf_config(guided.llm_engine.model_config.hf_config).vocab_size
+    vocab = engine_spec(guided.llm_engine.vllm_config).vocab_size
     assert all(t < vocab for o in first.outputs for t in o.token_ids)
 
 
@@ -210,32 +241,28 @@ def test_prompt_logprobs_are_refused(guided: LLM) -> None:
 
 
 def test_sub_models_never_share_compiled_code(guided: LLM) -> None:
-    keys = guided.apply_model(vllm_glue.compile_cache_keys)[0]
+    keys = guided.apply_model(compile_cache_keys)[0]
     assert len(keys) == 4  # base + 3 ARMs, each compiled
     assert len(set(keys.values())) == len(keys)
 
 
-def test_qwen2_pair_with_padded_base_vocabulary(tiny_family: dict[str, Path]) -> None:
+def test_qwen2_pair_with_padded_base_vocabulary(tiny_family: dict[str, Path], tmp_path: Path) -> None:
     arms = {"helpful": str(tiny_family["qwen2-arm"])}
     reference = ReferenceGuidedGenerator(tiny_family["qwen2-base"], arms)
     assert reference.setup.base.embedding_rows > reference.vocab_size
     prompts = make_prompts(8, seed=9)
     weights = random_weights(["helpful"], 8, seed=1)
     expected = reference.generate(prompts, weights, SamplingOptions(max_tokens=MAX_TOKENS, ignore_eos=True))
-    outputs = generate_in_child(
-        str(tiny_family["qwen2-base"]), prompts,
-        dict(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=1), ENGINE_ARGS,
-        arms=arms, weights=weights,
-    )
+    outputs = greedy_in_child(tmp_path, str(tiny_family["qwen2-base"]), prompts, arms=arms, weights=weights)
     for out, ref in zip(outputs, expected, strict=True):
         assert out["token_ids"] == ref.token_ids
         np.testing.assert_allclose(out["logprobs"], ref.logprobs, atol=2e-4)
 
 
 def test_weight_table_follows_added_removed_moved_and_swapped_rows(
-    guided: LLM, llama_config: GuidedModelConfig
+    guided: LLM, reference: ReferenceGuidedGenerator, llama_config: GuidedModelConfig
 ) -> None:
-    processor = vllm_glue.GenARMWeights(guided.llm_engine.vllm_config, torch.device("cpu"), False)
+    processor = separate_processor(llama_config)
     rows = {
         "a": weights_extra_args(llama_config, {"harmless": 1.0}),
         "b": weights_extra_args(llama_config, {"helpful": 2.0}),
@@ -251,6 +278,60 @@ def test_weight_table_follows_added_removed_moved_and_swapped_rows(
     assert processor.rows.active_arms == [0, 2]
     processor.update_state(BatchUpdate(2, removed=[0], added=[(0, SamplingParams(), None, [])], moved=[]))
     assert processor.rows.device_rows.tolist() == [[0, 0, 0], [1, 0, 0]]  # no args: defaults (0)
+    # The running engine still reads its own table: guided as asked, row by row.
+    prompts = make_prompts(3, seed=4)
+    weights = [{"harmless": 2.0}, {"helpful": 2.0}, {"honest": 0.5}]
+    expected = reference.generate(prompts, weights, SamplingOptions(max_tokens=MAX_TOKENS, ignore_eos=True))
+    assert_matches_reference(run(guided, llama_config, prompts, weights), expected)
+
+
+def test_a_row_the_step_cannot_use_is_served_by_the_base_alone(llama_config: GuidedModelConfig) -> None:
+    processor = separate_processor(llama_config)
+    before = fallbacks()
+    bad = SamplingParams(extra_args={"genarm_weight_harmless": 99.0})  # outside the range: admission refuses it
+    good = SamplingParams(extra_args=weights_extra_args(llama_config, {"helpful": 2.0}))
+    processor.update_state(BatchUpdate(2, removed=[], added=[(0, bad, None, []), (1, good, None, [])], moved=[]))
+    assert processor.rows.device_rows.tolist() == [[0, 0, 0], [0, 2, 0]]  # the other request is untouched
+    assert fallbacks()["invalid_weights"] == before["invalid_weights"] + 1
+
+
+def test_fallbacks_to_the_base_alone_are_logged_once_and_counted(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics, "_reported", set())  # as in a fresh process
+    before = fallbacks()
+    with caplog.at_level(logging.WARNING, logger="genarm.fallback"):
+        for _ in range(2):
+            weights, active = step_weights("no-such-engine", 3, torch.device("cpu"))
+            assert weights.shape == (3, 0) and active == []
+            weights, active = WeightRows(torch.ones(2, 3), [0, 1, 2]).for_rows(3)
+            assert torch.equal(weights, torch.zeros(3, 3)) and active == []
+        weights, active = WeightRows(torch.zeros(0, 3), []).for_rows(3)  # no request waits: a dummy run
+        assert torch.equal(weights, torch.zeros(3, 3)) and active == []
+    after = fallbacks()
+    assert after["no_weight_table"] == before["no_weight_table"] + 2
+    assert after["row_count_mismatch"] == before["row_count_mismatch"] + 2
+    logged = [r.getMessage() for r in caplog.records if r.name == "genarm.fallback"]
+    assert len(logged) == 2 and "no weight table" in logged[0] and "weight table holds 2" in logged[1]
+
+
+def test_admission_checks_travel_with_the_engine_config(guided: LLM) -> None:
+    """vLLM pickles its config into its other processes: the processor class it carries must
+    arrive there with this engine's spec (range and dimensions), in a fresh interpreter too."""
+    bound = guided.llm_engine.vllm_config.model_config.logits_processors[-1]
+    script = (
+        "import pickle, sys\n"
+        "from vllm import SamplingParams\n"
+        "cls = pickle.loads(sys.stdin.buffer.read())\n"
+        "cls.validate_params(SamplingParams(extra_args={'genarm_weight_helpful': 2.0}))\n"
+        "try:\n"
+        "    cls.validate_params(SamplingParams(extra_args={'genarm_weight_helpful': 1e6}))\n"
+        "except ValueError as err:\n"
+        "    print(err)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], input=pickle.dumps(bound), capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert "outside the allowed range" in done.stdout.decode()
 
 
 def test_start_up_refuses_bad_setups(tiny_family: dict[str, Path], foreign_arm: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -208,12 +208,15 @@ def test_openapi_documents_alignment(server: ServerProcess) -> None:
 
 
 def metric(server: ServerProcess, name: str, labels: str = "") -> float:
+    """The sum of the series `name` (with `labels`) on /metrics; a series that is not there fails."""
     text = httpx.get(server.url + "/metrics", timeout=30).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and labels in line and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if not line.startswith("#") and line.split("{")[0].split(" ")[0] == name and labels in line
+    ]
+    assert values, f"/metrics has no series {name}{{{labels}}}"
+    return sum(values)
 
 
 def test_metrics_count_guided_and_base_requests(client: openai.OpenAI, server: ServerProcess) -> None:
@@ -226,6 +229,8 @@ def test_metrics_count_guided_and_base_requests(client: openai.OpenAI, server: S
     assert metric(server, "genarm_requests_total", 'mode="base"') == base + 1
     assert metric(server, "genarm_dimension_requests_total", 'dimension="helpful"') == helpful + 1
     assert metric(server, "vllm:num_requests_running") >= 0  # vLLM's own metrics stay beside ours
+    for reason in ("no_weight_table", "row_count_mismatch", "invalid_weights"):  # the engine's, counted there
+        assert metric(server, "genarm_guidance_fallbacks_total", f'reason="{reason}"') == 0
 
 
 def test_200_concurrent_requests_with_random_disconnects(server: ServerProcess) -> None:
@@ -313,26 +318,69 @@ def test_schemathesis_on_the_endpoints_we_change(server: ServerProcess) -> None:
     assert not failures, "\n".join(failures[:10])
 
 
-def test_backpressure_answers_429_with_retry_after(tiny_family: dict[str, Path], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def small_server(tiny_family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """No --max-num-seqs: vLLM resolves it, and never above --max-num-batched-tokens (4 here).
+    Behind a path-based proxy (--root-path): clients may call with or without the prefix."""
     args = [
         "--base", str(tiny_family["llama-base"]), "--arm", f"harmless={tiny_family['llama-arm-narrow']}",
-        "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "1", "--max-waiting-requests", "1",
+        "--dtype", "float32", "--max-model-len", "256", "--max-num-batched-tokens", "4",
+        "--max-waiting-requests", "1", "--root-path", "/api",
     ]
-    proc = ServerProcess(args, tmp_path / "server.log")
-    try:
-        async def burst() -> list[httpx.Response]:
-            async with httpx.AsyncClient(base_url=proc.url, timeout=300) as http:
-                body = {"model": str(tiny_family["llama-base"]), "prompt": "Hello", "max_tokens": 200,
-                        "ignore_eos": True, "alignment": {"weights": {"harmless": 1.0}}}
-                return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(8)))
+    proc = ServerProcess(args, tmp_path_factory.mktemp("small-server") / "server.log")
+    yield proc
+    proc.stop()
 
-        responses = asyncio.run(burst())
-        statuses = sorted(r.status_code for r in responses)
-        assert statuses.count(200) >= 2 and statuses.count(429) >= 1 and set(statuses) <= {200, 429}
-        refused = next(r for r in responses if r.status_code == 429)
-        assert refused.headers["retry-after"] == "1"
-        assert refused.json()["error"]["code"] == 429
-        after = httpx.post(proc.url + "/v1/completions", json={"model": str(tiny_family["llama-base"]), "prompt": "Hi", "max_tokens": 2}, timeout=60)
-        assert after.status_code == 200
-    finally:
-        proc.stop()
+
+def test_request_limit_follows_what_the_engine_resolved(server: ServerProcess, small_server: ServerProcess) -> None:
+    assert metric(server, "genarm_request_limit") == 8 + 400  # --max-num-seqs 8, --max-waiting-requests 400
+    assert metric(small_server, "genarm_request_limit") == 4 + 1  # max_num_seqs resolved to 4
+
+
+def test_backpressure_answers_429_with_retry_after(tiny_family: dict[str, Path], small_server: ServerProcess) -> None:
+    proc = small_server
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=proc.url, timeout=300) as http:
+            body = {"model": str(tiny_family["llama-base"]), "prompt": "Hello", "max_tokens": 200,
+                    "ignore_eos": True, "alignment": {"weights": {"harmless": 1.0}}}
+            return await asyncio.gather(*(http.post("/api/v1/completions", json=body) for _ in range(8)))
+
+    responses = asyncio.run(burst())
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(200) >= 2 and statuses.count(429) >= 1 and set(statuses) <= {200, 429}
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == 429
+    after = httpx.post(proc.url + "/v1/completions", json={"model": str(tiny_family["llama-base"]), "prompt": "Hi", "max_tokens": 2}, timeout=60)
+    assert after.status_code == 200
+
+
+def test_generation_paths_with_root_path_or_trailing_slash_are_served_with_alignment(
+    tiny_family: dict[str, Path], small_server: ServerProcess
+) -> None:
+    model = str(tiny_family["llama-base"])
+    alignment = {"weights": {"harmless": 2.0}}
+    for path, body in (
+        ("/api/v1/completions/", {"prompt": "Hi"}),
+        ("/v1/completions/", {"prompt": "Hi"}),
+        ("/api/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+    ):
+        response = httpx.post(small_server.url + path, json={"model": model, "max_tokens": 2, "alignment": alignment, **body},
+                              timeout=60)
+        assert response.status_code == 200, (path, response.text)
+        assert response.json()["alignment"] == alignment, path
+        bad = httpx.post(small_server.url + path, json={"model": model, "max_tokens": 2, **body,
+                                                        "alignment": {"weights": {"harmless": 99}}}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "alignment.weights.harmless", path
+
+
+def test_generation_endpoints_without_alignment_are_refused_clearly(
+    tiny_family: dict[str, Path], small_server: ServerProcess
+) -> None:
+    body = {"model": str(tiny_family["llama-base"]), "input": "Hi", "max_output_tokens": 2}
+    for path in ("/v1/responses", "/api/v1/responses/", "/inference/v1/generate", "/v1/messages"):
+        response = httpx.post(small_server.url + path, json=body, timeout=60)
+        assert response.status_code == 404, (path, response.text)
+        message = response.json()["error"]["message"]
+        assert "not served with GenARM guidance" in message and "/v1/chat/completions" in message, path
+    assert "/v1/responses" not in httpx.get(small_server.url + "/openapi.json", timeout=30).json()["paths"]

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from server.compat import SetupError, check_fusion_setup
+from genarm_common.errors import SetupError
+from genarm_common.model_checks import check_fusion_setup
 from server.fusion import WeightError
 from server.reference import ReferenceGuidedGenerator, SamplingOptions
 

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rm_training.config import ConfigError, TrainConfig, build_config, load_yaml
 from rm_training.preference_data import DataError, PairEncoder, adapt, prepare_data
 from rm_training.scoring import arm_loss, score_pairs, sequence_logps
-from server.compat import check_fusion_setup, tokenizer_fingerprint
+from genarm_common.model_checks import check_fusion_setup, tokenizer_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 HH = ROOT / "rm_training" / "data" / "hh-rlhf" / "harmless-pairs-2000.jsonl.gz"
@@ -401,7 +401,7 @@ def test_cli_errors_are_one_line(tiny_family, foreign_arm, tmp_path, capsys) -> 
 
 def test_known_model_names(tiny_family, tmp_path, monkeypatch) -> None:
     from rm_training import pipeline
-    from server import model_fetch
+    from genarm_common import model_fetch
 
     monkeypatch.setattr(model_fetch, "fetch_model", lambda name, *a, **k: tiny_family["llama-base"])
     assert pipeline.resolve_model("SmolLM2-135M-Instruct") == str(tiny_family["llama-base"])

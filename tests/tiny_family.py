@@ -70,33 +70,28 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 512, records: int = 400, sk
     return tokenizer
 
 
-def _llama(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int) -> LlamaConfig:
-    return LlamaConfig(
+def _config(cls: type[PreTrainedConfig], vocab: int, hidden: int, layers: int, heads: int, kv_heads: int,
+            **extra: int) -> PreTrainedConfig:
+    return cls(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        head_dim=head_dim,
         max_position_embeddings=2048,
         initializer_range=INIT_RANGE,
         tie_word_embeddings=False,
+        **extra,
     )
+
+
+def _llama(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int) -> LlamaConfig:
+    return _config(LlamaConfig, vocab, hidden, layers, heads, kv_heads, head_dim=head_dim)
 
 
 def _qwen2(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int) -> Qwen2Config:
-    return Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=2048,
-        initializer_range=INIT_RANGE,
-        tie_word_embeddings=False,
-    )
+    return _config(Qwen2Config, vocab, hidden, layers, heads, kv_heads)
 
 
 def family_configs(vocab: int) -> dict[str, PreTrainedConfig]:

@@ -3,12 +3,11 @@ tiny smoke preset the tests run."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from genarm_common.settings import SettingsFile
 
 
 @dataclass
@@ -20,9 +19,9 @@ class ArmRecipe:
 
 
 @dataclass
-class GoldConfig:
+class GoldConfig(SettingsFile):
     name: str = "gold"
-    base: str = "smollm2-135m-instruct"  # server.model_fetch name or an HF folder
+    base: str = "smollm2-135m-instruct"  # genarm_common.model_fetch name or an HF folder
     dimensions: list[str] = field(default_factory=lambda: ["positive", "objective"])
     # Prompts: first user turns of the bundled HH-RLHF dialogues, split by a seeded hash.
     heldout_prompts: int = 250
@@ -59,24 +58,6 @@ class GoldConfig:
     device: str = "auto"  # auto: cuda if available
     workdir: str = "/tmp/genarm-gold"
     seed: int = 20261130
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GoldConfig:
-        data = dict(data)
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown setting(s) {unknown}")
-        if isinstance(data.get("arm_recipe"), dict):
-            data["arm_recipe"] = ArmRecipe(**data["arm_recipe"])
-        data["arm_ablations"] = [ArmRecipe(**a) if isinstance(a, dict) else a for a in data.get("arm_ablations", [])]
-        return cls(**data)
-
-    @classmethod
-    def load(cls, path: str | Path) -> GoldConfig:
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def smoke_config(tiny: dict[str, Path], workdir: Path) -> GoldConfig:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from bench.quality.judges import sentiment as positive
+from bench.quality.judges import sentiment as positive  # VADER's compound score, in [-1, 1]
 
 
 def objective(texts: Sequence[str]) -> np.ndarray:

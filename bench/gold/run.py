@@ -66,7 +66,7 @@ class Experiment:
     @property
     def base_path(self) -> str:
         if self._base_path is None:
-            from server.model_fetch import resolve_model_ref
+            from genarm_common.model_fetch import resolve_model_ref
 
             self._base_path = str(resolve_model_ref(self.cfg.base))
         return self._base_path
@@ -81,7 +81,7 @@ class Experiment:
 
     @property
     def vocab(self) -> int:
-        from server.compat import check_model_folder, fused_vocab_size
+        from genarm_common.model_checks import check_model_folder, fused_vocab_size
 
         return fused_vocab_size(self.tokenizer, [check_model_folder("base", self.base_path)])
 
@@ -96,7 +96,7 @@ class Experiment:
 
         import torch
 
-        from bench.quality.vllm_worker import run_engine_job
+        from bench.vllm_worker import run_engine_job
 
         gc.collect()  # the engine runs in a child: give back what training held on the device
         if torch.cuda.is_available():
@@ -469,7 +469,7 @@ def task_weights(name: str, dims: list[str]) -> dict[str, float]:
 def base_from_gguf_parts(parts: list[Path], work: Path) -> Path:
     """The base's HF folder from GGUF halves carried to a machine with no network (once per work folder)."""
     from bench.train_gpu import MODEL_NAME, join_parts
-    from server.model_fetch import convert_gguf, known_model
+    from genarm_common.model_fetch import convert_gguf, known_model
 
     folder = work / "models" / MODEL_NAME
     if not (folder / "config.json").is_file():

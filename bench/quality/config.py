@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from genarm_common.settings import SettingsFile
 
 
 @dataclass
@@ -54,9 +53,9 @@ class MultiSettings:
 
 
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(SettingsFile):
     name: str = "quality"
-    base: str = "smollm2-135m-instruct"  # server.model_fetch name or HF folder
+    base: str = "smollm2-135m-instruct"  # genarm_common.model_fetch name or HF folder
     arms: dict[str, str] = field(default_factory=dict)  # dimension -> LoRA adapter (merged on use) or HF folder
     split_from: str = "harmless"  # the ARM whose train / held-out split the experiment reuses
     split: dict[str, Any] | None = None  # split settings, where that ARM recorded none (see data.SplitSettings)
@@ -84,26 +83,6 @@ class ExperimentConfig:
     nice: int = 5
     workdir: str = "/work/runs/quality"
     reference_dtype: str = "float32"  # ARGS / drift / reference-decoder timing in transformers
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
-        data = dict(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown setting(s) {unknown}")
-        subs = {"args": ArgsSettings, "judge": JudgeSettings, "positive": PositiveSettings, "multi": MultiSettings}
-        for key, sub in subs.items():
-            if key in data and isinstance(data[key], dict):
-                data[key] = sub(**data[key])
-        return cls(**data)
-
-    @classmethod
-    def load(cls, path: str | Path) -> ExperimentConfig:
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def smoke_config(tiny: dict[str, Path], workdir: Path) -> ExperimentConfig:

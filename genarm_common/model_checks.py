@@ -14,11 +14,9 @@ from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
+from genarm_common.errors import SetupError
+
 SPECIAL_TOKEN_ATTRS = ("bos_token", "eos_token", "unk_token")
-
-
-class SetupError(ValueError):
-    """Configuration problems found at start-up; its message is one line per problem."""
 
 
 def _collect(checks: dict[str, Any]) -> dict[str, Any]:

