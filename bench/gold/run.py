@@ -7,9 +7,9 @@ rerun (or the next device call) continues where the last one stopped.
 
 GPU stages: prompts, sample (plain vLLM: train pool, held-out pool, base temperatures), pairs
 (gold labels -> pairs), arms (genarm-train), dpo (TRL), bow (ARGS's reward), genarm (guided
-engine, both ARMs: weight sweeps and the 2-D grid in one batch), hf (DPO policies and ARGS, sampled in transformers), teacher (teacher-forced log-probs:
-KL, ARM rewards, the engine's fused log-probs checked). CPU stages: score (gold and guards),
-report.
+engine, both ARMs: weight sweeps and the 2-D grid in one batch), hf (DPO policies and ARGS,
+sampled in transformers), teacher (teacher-forced log-probs: KL, ARM rewards, the engine's fused
+log-probs checked). CPU stages: score (gold and guards), report.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tarfile
 import time
@@ -169,8 +170,6 @@ class Experiment:
         if (out / "result.json").is_file():
             return read_json(out / "result.json")
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
         settings = {"max_length": self.cfg.max_prompt_tokens + self.cfg.max_new_tokens + 8,
                     "max_prompt_length": self.cfg.max_prompt_tokens, "progress": False, **recipe.settings}
@@ -451,8 +450,6 @@ def pack_adapter(adapter: Path, target: Path) -> None:
         for extra in ("log_history.json", "curves.png", "result.json"):
             if (adapter.parent / extra).is_file():
                 tar.add(adapter.parent / extra, arcname=f"{adapter.parent.name}/{extra}")
-    import shutil
-
     shutil.rmtree(staging)
 
 
