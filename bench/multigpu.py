@@ -1,10 +1,11 @@
-"""Tensor and data parallelism of the guided engine: same tokens as one device, and throughput.
+"""Tensor and data parallelism of the guided engine: correctness at each TP size, and throughput.
 
-    python -m bench.multigpu tp --size 2 --out DIR          # guided engine, TP=1 vs TP=N
-    python -m bench.multigpu dp --size 2 --out DIR          # genarm-serve -dp N vs -dp 1, per-replica counts
-    python -m bench.multigpu report --out DIR               # multigpu table (markdown) from DIR
+    python -m bench.engine_gpu correctness --tp N --families qwen2 --out DIR   # the criterion at TP=N
+    python -m bench.multigpu tp --size 2 --out DIR        # guided engine speed, TP=1 vs TP=N
+    python -m bench.multigpu dp --size 2 --out DIR        # genarm-serve -dp N vs -dp 1 under one load
+    python -m bench.multigpu report --out DIR             # multigpu.json + multigpu.md from DIR
     --models cpu-tiny: the tiny test family (CPU processes: VLLM_CPU_OMP_THREADS_BIND="0|1")
-    --models gpu-8b-1b: an 8B-class base + 1B-class ARM with random weights (GPU machine)
+    --models gpu-8b-1b: an 8B-class base + 1B-class ARM of another head geometry, dummy weights
 
 Each engine runs in a child process; results are JSON under --out; the table prints last.
 """
@@ -21,119 +22,158 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.vllm_worker import run_engine_job
+from bench.engine_gpu import SPEED_VOCAB, run_child, speed_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
+# NVLink multicast off in every process (it can put shared GPUs out of service).
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def model_setup(kind: str, root: Path) -> dict[str, Any]:
-    """Folders of a base and one ARM, plus engine args for the machine kind."""
+    """Folders of a base and one ARM, plus engine args and load for the machine kind."""
     sys.path.insert(0, str(ROOT))
     if kind == "cpu-tiny":
         from tests.tiny_family import build_tiny_family
 
         paths = build_tiny_family(root / "tiny") if not (root / "tiny" / "llama-base").exists() else {
-            n: root / "tiny" / n for n in ("llama-base", "llama-arm-narrow", "llama-arm-padded")}
-        return {"base": str(paths["llama-base"]),
-                "arms": {"harmless": str(paths["llama-arm-narrow"]), "helpful": str(paths["llama-arm-padded"])},
-                "engine_args": {"dtype": "float32", "seed": 0}, "batches": [16, 64], "new_tokens": 32,
-                "vocab": 512}
-    from bench.engine_gpu import SPEED_VOCAB, speed_model_folder
-
+            n: root / "tiny" / n for n in ("llama-base", "llama-arm-narrow")}
+        return {"base": str(paths["llama-base"]), "arms": {"harmless": str(paths["llama-arm-narrow"])},
+                "engine_args": {"dtype": "float32", "seed": 0, "max_num_seqs": 16}, "batches": [1, 16],
+                "new_tokens": 16, "vocab": 512}
     return {"base": str(speed_model_folder("8b", root, SPEED_VOCAB)),
             "arms": {"harmless": str(speed_model_folder("1b", root, SPEED_VOCAB))},
             "engine_args": {"dtype": "bfloat16", "seed": 0, "load_format": "dummy", "max_model_len": 1024,
                             "max_num_seqs": 256, "gpu_memory_utilization": 0.85},
-            "batches": [64, 256], "new_tokens": 256, "vocab": SPEED_VOCAB}
+            "batches": [1, 64, 256], "new_tokens": 256, "vocab": SPEED_VOCAB}
 
 
 def tp_run(setup: dict[str, Any], size: int, out: Path) -> None:
-    """The guided engine at TP=size (bench.vllm_worker): greedy tokens on 32 prompts with mixed
-    weights, then throughput at each batch size."""
-    rng = random.Random(0)
-    dims = list(setup["arms"])
-
-    def task(name: str, count: int, new_tokens: int, greedy: bool) -> dict[str, Any]:
-        prompts = [[rng.randrange(3, setup["vocab"]) for _ in range(rng.randint(8, 64))] for _ in range(count)]
-        weights = [{d: rng.choice([0.0, 0.5, 2.0]) for d in dims} for _ in range(count)]
-        return {"name": name, "prompt_ids": prompts, "temperature": 0.0 if greedy else 0.8, "ignore_eos": True,
-                "max_tokens": new_tokens, "weights_per_prompt": weights}
-
+    """The guided engine at TP=size: tokens/s at each batch size (random prompts of 64 tokens,
+    random weights, ignore_eos, median of 3 timed batches), through engine_gpu's speed job."""
     args = dict(setup["engine_args"], tensor_parallel_size=size)
     if size > 1:
         args["distributed_executor_backend"] = "mp"
-    tasks = [task("greedy", 32, 32, True), *(task(f"batch-{b}", b, setup["new_tokens"], False) for b in setup["batches"])]
-    job = {"engine": {"model": setup["base"], "arms": setup["arms"], "engine_args": args}, "warmup": False,
-           "tasks": tasks}
-    done = run_engine_job(job, out.parent / "jobs", out.stem, timeout=1800, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
-    results = {t["name"]: t for t in done["tasks"]}
-    tokens = [per[0]["token_ids"] for per in results["greedy"]["samples"]]
-    timings = {}
-    for batch in setup["batches"]:
-        wall = results[f"batch-{batch}"]["wall_s"]
-        timings[str(batch)] = {"wall_s": wall, "tokens_per_s": batch * setup["new_tokens"] / wall}
-    out.write_text(json.dumps({"tp": size, "greedy_tokens": tokens, "timings": timings}))
+    job = dict(name=f"tp{size}", kind="speed", base=setup["base"], arms=setup["arms"], vocab=setup["vocab"],
+               prompt_len=64, new_tokens=setup["new_tokens"], batches=setup["batches"], engine_args=args)
+    run_child(job, out, timeout=1800)
 
 
-def dp_run(setup: dict[str, Any], size: int, out: Path, requests_count: int) -> None:
-    """genarm-serve with -dp N; many concurrent requests; per-replica completions from /metrics."""
+def dp_run(setup: dict[str, Any], size: int, out: Path, requests_count: int, new_tokens: int) -> None:
+    """genarm-serve -dp N under one burst of chat requests (mixed weights, sampled, ignore_eos):
+    status codes, tokens/s, per-replica completions, and the 429 limit the server derived."""
     import httpx
 
     sys.path.insert(0, str(ROOT))
     from tests.server_process import ServerProcess
 
+    waiting = requests_count  # room for the whole burst: the load measures throughput, not refusals
     args = ["--base", setup["base"], *[a for d, p in setup["arms"].items() for a in ("--arm", f"{d}={p}")],
-            "-dp", str(size), "--max-waiting-requests", str(requests_count)]
+            "-dp", str(size), "--max-waiting-requests", str(waiting)]
     for key, value in setup["engine_args"].items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    proc = ServerProcess(args, out.with_suffix(".log"), env=env, timeout=1200)
+    started = time.perf_counter()
+    proc = ServerProcess(args, out.with_suffix(".log"), env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, timeout=1200)
+    startup = time.perf_counter() - started
     try:
         model = httpx.get(proc.url + "/v1/models", timeout=30).json()["data"][0]["id"]
 
-        async def burst() -> list[int]:
-            async with httpx.AsyncClient(base_url=proc.url, timeout=600) as http:
+        async def burst() -> list[tuple[int, int]]:
+            limits = httpx.Limits(max_connections=requests_count + 8)
+            async with httpx.AsyncClient(base_url=proc.url, timeout=1200, limits=limits) as http:
                 rng = random.Random(size)
-                bodies = [{"model": model, "prompt": f"Request {i}: tell me something", "max_tokens": setup["new_tokens"],
-                           "ignore_eos": True, "temperature": 0.8,
-                           "alignment": {"weights": {d: rng.choice([0.0, 1.0]) for d in setup["arms"]}}}
-                          for i in range(requests_count)]
-                responses = await asyncio.gather(*(http.post("/v1/completions", json=b) for b in bodies))
-                return [r.status_code for r in responses]
+
+                async def one(i: int) -> tuple[int, int]:
+                    body = {"model": model, "messages": [{"role": "user", "content": f"Request {i}: tell me something"}],
+                            "max_tokens": new_tokens, "ignore_eos": True, "temperature": 0.8,
+                            "alignment": {"weights": {d: rng.choice([0.0, 0.5, 1.0]) for d in setup["arms"]}}}
+                    response = await http.post("/v1/chat/completions", json=body)
+                    tokens = response.json()["usage"]["completion_tokens"] if response.status_code == 200 else 0
+                    return response.status_code, tokens
+
+                return await asyncio.gather(*(one(i) for i in range(requests_count)))
 
         start = time.perf_counter()
-        statuses = asyncio.run(burst())
+        results = asyncio.run(burst())
         wall = time.perf_counter() - start
+        metrics = httpx.get(proc.url + "/metrics", timeout=30).text
         per_replica: dict[str, float] = {}
-        for line in httpx.get(proc.url + "/metrics", timeout=30).text.splitlines():
+        limit = None
+        for line in metrics.splitlines():
             if line.startswith("vllm:request_success_total{"):
                 engine = line.split('engine="', 1)[1].split('"', 1)[0]
                 per_replica[engine] = per_replica.get(engine, 0.0) + float(line.rsplit(" ", 1)[1])
+            if line.startswith("genarm_request_limit "):
+                limit = float(line.rsplit(" ", 1)[1])
+        statuses = [s for s, _ in results]
+        tokens = sum(t for _, t in results)
+        max_running = int(setup["engine_args"]["max_num_seqs"])
         out.write_text(json.dumps({
-            "dp": size, "requests": requests_count, "ok": statuses.count(200), "wall_s": wall,
-            "tokens_per_s": statuses.count(200) * setup["new_tokens"] / wall, "per_replica_completed": per_replica,
+            "dp": size, "requests": requests_count, "new_tokens": new_tokens, "ok": statuses.count(200),
+            "status_429": statuses.count(429), "status_5xx": sum(s >= 500 for s in statuses),
+            "other_status": sorted({s for s in statuses if s not in (200, 429) and s < 500}),
+            "wall_s": wall, "generated_tokens": tokens, "tokens_per_s": tokens / wall, "startup_s": startup,
+            "per_replica_completed": per_replica, "request_limit": limit,
+            "request_limit_expected": max_running * size + waiting,
         }))
     finally:
         proc.stop()
 
 
-def report(out: Path) -> str:
-    rows = ["| run | result |", "|---|---|"]
-    tp = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in sorted(out.glob("tp-*.json"))}
-    if 1 in tp:
-        for size, result in sorted(tp.items()):
-            same = sum(a == b for a, b in zip(result["greedy_tokens"], tp[1]["greedy_tokens"]))
-            speeds = ", ".join(f"batch {b}: {t['tokens_per_s']:.0f} tok/s ({t['tokens_per_s'] / tp[1]['timings'][b]['tokens_per_s']:.2f}x TP=1)"
-                               for b, t in result["timings"].items())
-            rows.append(f"| TP={size} | greedy sequences equal to TP=1: {same}/{len(tp[1]['greedy_tokens'])}; {speeds} |")
-    dp = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in sorted(out.glob("dp-*.json"))}
-    for size, result in sorted(dp.items()):
-        ratio = f" ({result['tokens_per_s'] / dp[1]['tokens_per_s']:.2f}x DP=1)" if 1 in dp else ""
-        rows.append(f"| DP={size} | {result['ok']}/{result['requests']} requests OK, {result['tokens_per_s']:.0f} tok/s{ratio}; "
-                    f"completed per replica: {result['per_replica_completed']} |")
-    table = "\n".join(rows)
+def load_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def report(out: Path, command: str) -> dict[str, Any]:
+    """multigpu.json + multigpu.md from the phase results in `out`; prints the tables."""
+    result: dict[str, Any] = {"command": command, "correctness": {}, "tp_speed": {}, "dp": {}}
+    lines = []
+    correct = load_json(out / "correctness.json")
+    if correct:
+        lines += ["| pair | TP | zero weights == plain vLLM | guided max gap / (1+sum\\|w\\|) | plain vLLM max gap | criterion | greedy sequences equal to TP=1 |",
+                  "|---|---|---|---|---|---|---|"]
+        for key, entry in sorted(correct.items()):
+            label, tp = key.rsplit("/tp", 1)
+            row = {k: v for k, v in entry.items() if k != "guided_token_ids"}
+            tp1 = correct.get(f"{label}/tp1", {}).get("guided_token_ids")
+            if tp1 and entry.get("guided_token_ids"):
+                same = sum(a == b for a, b in zip(entry["guided_token_ids"], tp1))
+                row["greedy_sequences_equal_tp1"] = f"{same}/{len(tp1)}"
+            result["correctness"][key] = row
+            if "error" in entry:
+                lines.append(f"| {label} | {tp} | error: {entry['error'].splitlines()[-1][:120]} | | | | |")
+                continue
+            lines.append(f"| {label} | {tp} | {entry['zero_weight_sequences_equal_plain']} | "
+                         f"{entry['guided']['max_gap_per_unit_weight']:.3f} | {entry['plain_vllm']['max_gap_to_reference_best']:.3f} | "
+                         f"{'pass' if entry['within_plain_deviation'] else 'FAIL'} | {row.get('greedy_sequences_equal_tp1', '-')} |")
+        lines.append("")
+    tp = {int(p.stem[2:]): load_json(p) for p in sorted(out.glob("tp[0-9]*.json"))}
+    if tp:
+        lines += ["| guided engine | batch | tok/s | ms per step | vs TP=1 |", "|---|---|---|---|---|"]
+        for size, entry in sorted(tp.items()):
+            for batch, timing in entry.get("timings", {}).items():
+                base = tp.get(1, {}).get("timings", {}).get(batch)
+                ratio = f"{timing['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+                step_ms = 1000 * int(batch) / timing["tokens_per_s"]
+                lines.append(f"| TP={size} | {batch} | {timing['tokens_per_s']:.0f} | {step_ms:.2f} | {ratio} |")
+                result["tp_speed"][f"tp{size}/bs{batch}"] = timing | {"ms_per_step": step_ms}
+            if "error" in entry:
+                lines.append(f"| TP={size} | error | {entry['error'].splitlines()[-1][:120]} | | |")
+        lines.append("")
+    dp = {int(p.stem[2:]): load_json(p) for p in sorted(out.glob("dp[0-9]*.json"))}
+    if dp:
+        lines += ["| genarm-serve | requests OK | 429 | 5xx | tok/s | vs DP=1 | completed per replica | 429 limit (expected) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for size, entry in sorted(dp.items()):
+            ratio = f"{entry['tokens_per_s'] / dp[1]['tokens_per_s']:.2f}x" if 1 in dp else "-"
+            replicas = ", ".join(f"{k}: {v:.0f}" for k, v in sorted(entry["per_replica_completed"].items()))
+            lines.append(f"| DP={size} | {entry['ok']}/{entry['requests']} | {entry['status_429']} | {entry['status_5xx']} | "
+                         f"{entry['tokens_per_s']:.0f} | {ratio} | {replicas} | {entry['request_limit']:.0f} ({entry['request_limit_expected']}) |")
+            result["dp"][f"dp{size}"] = entry
+    (out / "multigpu.json").write_text(json.dumps(result, indent=1))
+    table = "\n".join(lines)
+    (out / "multigpu.md").write_text(table + "\n")
     print(table)
-    return table
+    return result
 
 
 def main() -> None:
@@ -141,19 +181,23 @@ def main() -> None:
     parser.add_argument("mode", choices=["tp", "dp", "report"])
     parser.add_argument("--size", type=int, default=2)
     parser.add_argument("--models", choices=["cpu-tiny", "gpu-8b-1b"], default="cpu-tiny")
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128, help="dp: tokens per request")
     parser.add_argument("--out", type=Path, default=Path("artifacts/multigpu"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.update(NO_MULTICAST)
     if args.mode != "report":
         setup = model_setup(args.models, Path(os.environ.get("GENARM_BENCH_MODELS", "/tmp/genarm-bench-models")))
         for size in sorted({1, args.size}):
-            target = args.out / f"{args.mode}-{size}.json"
+            target = args.out / f"{args.mode}{size}.json"
+            if target.exists() and "error" not in load_json(target):
+                continue  # resumable across device calls
             if args.mode == "tp":
                 tp_run(setup, size, target)
             else:
-                dp_run(setup, size, target, args.requests)
-    report(args.out)
+                dp_run(setup, size, target, args.requests, args.new_tokens)
+    report(args.out, " ".join(["python -m bench.multigpu", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

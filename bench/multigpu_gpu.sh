@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The two-GPU run (nvidia-h200-x2): training throughput and DDP, engine correctness at TP=1/2,
+# guided-engine speed at TP=1/2, genarm-serve DP=1/2. Resumable across device calls (each under
+# 10 minutes): a finished phase leaves a marker in $RUN, and the benchmarks cache what they finished.
+#
+# Here, once (git-ignored carry folders; each call's carry + the tree must stay under 64 MiB):
+#   bash ../shared/device/prepare.sh; then re-split the wheel into 8 parts .vw0..7 (split -n 8) and
+#   SmolLM2's verified GGUF into .gg0..2 (split -n 3, named <gguf>.part0..2); .gpu-data holds the
+#   gold `positive` pairs (bench/gold's pairs/positive_{train,heldout}.jsonl).
+# Device calls, back to back:
+#   carry .vwN (N=0..7):    mkdir -p /root/wh && cp .vwN/* /root/wh/
+#   carry .vdeps:           bash .vdeps/install.sh
+#   carry .gg0 .whl:        mkdir -p /root/st && cp .gg0/* /root/st/ && python3 -m pip install -q --no-index \
+#                             --no-deps --no-compile --target /tmp/site .whl/*.whl
+#   carry .gg1 .gpu-data:   cp .gg1/* /root/st/ && mkdir -p /root/data && cp .gpu-data/* /root/data/
+#   carry .gg2:             cp .gg2/* /root/st/ && bash bench/multigpu_gpu.sh setup train
+#   then:                   bash bench/multigpu_gpu.sh correct1 correct2    (and: tp dp)
+# Every call packs $RUN's results into $OUT/multigpu_run.tar.gz and prints the tables.
+set -uo pipefail
+RUN=${GENARM_MULTIGPU_RUN:-/root/mg}
+CALL_BUDGET_S=${GENARM_CALL_BUDGET_S:-550}
+# NVLink multicast stays off in every process (it can put shared GPUs out of service).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# FlashInfer's top-k/top-p sampler JIT-compiles for ~100 s on a fresh machine; these runs use neither.
+export VLLM_USE_FLASHINFER_SAMPLER=0
+export GENARM_BENCH_MODELS=$RUN/models GENARM_BENCH_WORK=$RUN/work HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+mkdir -p "$RUN/engine" "$RUN/train" "$RUN/work"
+source bench/gpu_setup.sh
+SMOL=$RUN/models/smollm2-135m-instruct
+GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+
+setup() {  # join SmolLM2's GGUF, check its pinned sha256, convert to an HF folder
+  cat /root/st/$GGUF.part0 /root/st/$GGUF.part1 /root/st/$GGUF.part2 > "$RUN/$GGUF" || return 1
+  python3 - "$RUN/$GGUF" "$SMOL" <<'EOF'
+import sys
+from genarm_common.model_fetch import convert_gguf, known_model, verify_sha256
+model = known_model("smollm2-135m-instruct")
+verify_sha256(sys.argv[1], model.gguf_sha256, "joined GGUF")
+convert_gguf(sys.argv[1], sys.argv[2], source={"name": model.name, "licence": model.licence})
+EOF
+}
+train() {
+  CUDA_VISIBLE_DEVICES=0 python3 bench/train_gpu.py throughput --model "$SMOL" --batch 32 --max-length 1024 \
+    --warmup 5 --steps 20 --profile --out "$RUN/train" || return 1
+  python3 bench/train_gpu.py ddp --model "$SMOL" --train-data /root/data/positive_train.jsonl \
+    --heldout-data /root/data/positive_heldout.jsonl --gpus 1 2 --epochs 1 --timeout-s 240 \
+    --runs-dir "$RUN/work/ddp" --out "$RUN/train"
+}
+correct1() {
+  python3 -m bench.engine_gpu correctness --tp 1 --families qwen2 --real-base "$SMOL" \
+    --real-arm positive=server/default_arms/positive --out "$RUN/engine"
+}
+correct2() { python3 -m bench.engine_gpu correctness --tp 2 --families qwen2 --out "$RUN/engine"; }
+tp() { python3 -m bench.multigpu tp --size 2 --models gpu-8b-1b --out "$RUN/engine"; }
+dp() { python3 -m bench.multigpu dp --size 2 --models gpu-8b-1b --requests 512 --new-tokens 128 --out "$RUN/engine"; }
+
+for phase in "$@"; do
+  [ -f "$RUN/done-$phase" ] && { echo "== $phase: done earlier"; continue; }
+  left=$((CALL_BUDGET_S - SECONDS))
+  [ "$left" -lt 60 ] && { echo "== $phase: not started (${left}s left in this call)"; continue; }
+  echo "== $phase ($(date +%T), ${left}s left in this call)"
+  export -f setup train correct1 correct2 tp dp
+  export RUN SMOL GGUF
+  if timeout -k 15 "$left" bash -c "$phase" 2>&1 | tee "$RUN/$phase.log"; then
+    touch "$RUN/done-$phase"
+  else
+    echo "== $phase: FAILED or cut at the call's budget (resumes next call)"
+  fi
+done
+python3 -m bench.multigpu report --out "$RUN/engine" > /dev/null 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$RUN/machine.txt" 2>&1
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/multigpu_run.tar.gz" -C "$RUN" --exclude='*.gguf' --exclude=models --exclude=work \
+    --exclude='checkpoint-*' --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' .
+fi
+cat "$RUN"/train/*.md "$RUN/engine/multigpu.md" 2>/dev/null
+ls "$RUN"/done-* 2>/dev/null
