@@ -239,7 +239,9 @@ def check_pair(label: str, base: str, arms: dict[str, str], out: Path, smoke: bo
     zeros = [{d: 0.0 for d in arms} for _ in range(count)]
     args = engine_args_for(smoke, max_num_seqs=64, tensor_parallel_size=tp)
     if tp > 1:
-        args["distributed_executor_backend"] = "mp"
+        from bench.multigpu import TP_ARGS
+
+        args |= TP_ARGS
     common = dict(kind="generate", base=base, prompt_ids=prompt_ids, max_tokens=16 if smoke else max_tokens,
                   engine_args=args)
     guided = run_child(common | dict(name=f"{label}-tp{tp}-guided", arms=arms,

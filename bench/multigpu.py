@@ -27,6 +27,9 @@ from bench.engine_gpu import SPEED_VOCAB, run_child, speed_model_folder
 ROOT = Path(__file__).resolve().parents[1]
 # NVLink multicast off in every process (it can put shared GPUs out of service).
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+# With multicast off, vLLM 0.26's FlashInfer all-reduce + RMSNorm fusion (its "mnnvl" backend) hits an
+# illegal memory access while capturing CUDA graphs at TP=2 (seen on two H200s): leave that fusion out.
+TP_ARGS = {"distributed_executor_backend": "mp", "compilation_config": {"pass_config": {"fuse_allreduce_rms": False}}}
 
 
 def model_setup(kind: str, root: Path) -> dict[str, Any]:
@@ -52,7 +55,7 @@ def tp_run(setup: dict[str, Any], size: int, out: Path) -> None:
     random weights, ignore_eos, median of 3 timed batches), through engine_gpu's speed job."""
     args = dict(setup["engine_args"], tensor_parallel_size=size)
     if size > 1:
-        args["distributed_executor_backend"] = "mp"
+        args |= TP_ARGS
     job = dict(name=f"tp{size}", kind="speed", base=setup["base"], arms=setup["arms"], vocab=setup["vocab"],
                prompt_len=64, new_tokens=setup["new_tokens"], batches=setup["batches"], engine_args=args)
     run_child(job, out, timeout=1800)

@@ -164,6 +164,7 @@ def dpo_config(cfg: TrainConfig, checkpoint_dir: Path, n_train: int, has_eval: b
         ld_alpha=None,
         precompute_ref_log_probs=True,
         max_length=cfg.max_length,
+        pad_to_multiple_of=cfg.pad_to_multiple_of,
         truncation_mode="keep_start",
         disable_dropout=cfg.disable_dropout,
         model_init_kwargs=init_kwargs,

@@ -81,6 +81,7 @@ def guided_engine_args(
     """
     from server.vllm_glue.attention import attention_backend_args, user_chose_attention_backend
     from server.vllm_glue.cpu_memory import cpu_free_memory_bytes
+    from server.vllm_glue.parallel import apply_tensor_parallel_defaults
     from server.vllm_glue.spec import engine_overrides
     from server.vllm_glue.weights import weights_processor
 
@@ -104,6 +105,7 @@ def guided_engine_args(
             )
         args.setdefault("max_model_len", limit)
     apply_cpu_defaults(args, [setup.base.path, *(f.path for f in setup.arms.values())], cpu_free_memory_bytes())
+    apply_tensor_parallel_defaults(args)
     spec = model.guidance()
     spec.arm_paths = [str(f.path.resolve()) for f in setup.arms.values()]
     spec.base_architectures = list(AutoConfig.from_pretrained(setup.base.path).architectures or [])

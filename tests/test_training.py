@@ -238,6 +238,7 @@ def test_trainer_loss_is_the_arm_loss_by_hand(tiny_family, tokenizer, tmp_path) 
                 param.normal_(0, 0.05)
     batch = next(iter(trainer.get_train_dataloader()))
     assert float(batch["ref_chosen_logps"].abs().sum() + batch["ref_rejected_logps"].abs().sum()) == 0.0
+    assert batch["input_ids"].shape[1] % cfg.pad_to_multiple_of == 0  # the loss below ignores the padding
     model.eval()
     with torch.no_grad():
         trainer_loss = float(trainer.compute_loss(model, batch))
@@ -256,6 +257,19 @@ def test_trainer_loss_is_the_arm_loss_by_hand(tiny_family, tokenizer, tmp_path) 
     assert ours == pytest.approx(hand, abs=1e-4)  # rm_training.scoring agrees
     assert abs(hand - float(arm_loss(*averaged, 0.05))) > 0.05  # averaged log-probs: a different loss
     assert abs(hand - float(arm_loss(chosen - ref_chosen, rejected - ref_rejected, 0.05))) > 0.05  # with a reference
+
+
+def test_batches_are_padded_to_a_multiple_of_64(tiny_family, tokenizer, tmp_path) -> None:
+    """Few distinct batch shapes (each new length costs cuDNN attention a plan on the GPU)."""
+    from rm_training.trainer import build_trainer
+
+    cfg = tiny_config(tiny_family["llama-base"], HH, tmp_path, max_steps=1, batch_size=4, per_device_batch_size=4,
+                      max_length=100, max_prompt_length=50).resolve()
+    data = prepare_data(str(HH), tokenizer, max_length=100, max_prompt_length=50, max_records=24, heldout_fraction=0)
+    trainer = build_trainer(cfg, data.train_dataset(), None, tokenizer, tmp_path / "checkpoints")
+    for batch in list(trainer.get_train_dataloader())[:3]:
+        longest = int(batch["attention_mask"].sum(-1).max())
+        assert batch["input_ids"].shape[1] == -(-longest // 64) * 64, (longest, batch["input_ids"].shape)
 
 
 # ----------------------------------------------------------------------------- learning, export
