@@ -264,7 +264,7 @@ def check_pair(label: str, base: str, arms: dict[str, str], out: Path, smoke: bo
     if device == "cuda":
         torch.cuda.empty_cache()
     floor = entry["plain_vllm"]["max_gap_to_reference_best"]
-    entry["criterion"] = "max over guided tokens of gap / (1 + sum|w|) <= plain vLLM's max gap (same run, same TP)"
+    entry["criterion"] = CRITERION
     entry["within_plain_deviation"] = entry["guided"]["max_gap_per_unit_weight"] <= floor
     entry["guided_token_ids"] = [o["token_ids"] for o in guided["outputs"]["guided"]]
     print(json.dumps({f"{label}/tp{tp}": {k: v for k, v in entry.items() if k != "guided_token_ids"}}), flush=True)

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.engine_gpu import SPEED_VOCAB, run_child, speed_model_folder
+from server.vllm_glue.parallel import NO_ALLREDUCE_FUSION
 
 ROOT = Path(__file__).resolve().parents[1]
 # NVLink multicast off in every process (it can put shared GPUs out of service).
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-# With multicast off, vLLM 0.26's FlashInfer all-reduce + RMSNorm fusion (its "mnnvl" backend) hits an
-# illegal memory access while capturing CUDA graphs at TP=2 (seen on two H200s): leave that fusion out.
-TP_ARGS = {"distributed_executor_backend": "mp", "compilation_config": {"pass_config": {"fuse_allreduce_rms": False}}}
+# vLLM's own process layout, and the compilation the guided engine gets at TP > 1 on CUDA (no
+# all-reduce fusion: server/vllm_glue/parallel.py), for the plain baseline too.
+TP_ARGS = {"distributed_executor_backend": "mp", "compilation_config": NO_ALLREDUCE_FUSION}
 
 
 def model_setup(kind: str, root: Path) -> dict[str, Any]:
@@ -80,50 +81,83 @@ def dp_run(setup: dict[str, Any], size: int, out: Path, requests_count: int, new
     try:
         model = httpx.get(proc.url + "/v1/models", timeout=30).json()["data"][0]["id"]
 
-        async def burst() -> list[tuple[int, int]]:
+        async def burst() -> list[tuple[int, int, float]]:
             limits = httpx.Limits(max_connections=requests_count + 8)
             async with httpx.AsyncClient(base_url=proc.url, timeout=1200, limits=limits) as http:
                 rng = random.Random(size)
 
-                async def one(i: int) -> tuple[int, int]:
+                async def one(i: int) -> tuple[int, int, float]:
                     body = {"model": model, "messages": [{"role": "user", "content": f"Request {i}: tell me something"}],
                             "max_tokens": new_tokens, "ignore_eos": True, "temperature": 0.8,
                             "alignment": {"weights": {d: rng.choice([0.0, 0.5, 1.0]) for d in setup["arms"]}}}
+                    sent = time.perf_counter()
                     response = await http.post("/v1/chat/completions", json=body)
+                    latency = time.perf_counter() - sent
                     tokens = response.json()["usage"]["completion_tokens"] if response.status_code == 200 else 0
-                    return response.status_code, tokens
+                    return response.status_code, tokens, latency
 
                 return await asyncio.gather(*(one(i) for i in range(requests_count)))
 
         start = time.perf_counter()
         results = asyncio.run(burst())
         wall = time.perf_counter() - start
-        metrics = httpx.get(proc.url + "/metrics", timeout=30).text
-        per_replica: dict[str, float] = {}
-        limit = None
-        for line in metrics.splitlines():
-            if line.startswith("vllm:request_success_total{"):
-                engine = line.split('engine="', 1)[1].split('"', 1)[0]
-                per_replica[engine] = per_replica.get(engine, 0.0) + float(line.rsplit(" ", 1)[1])
-            if line.startswith("genarm_request_limit "):
-                limit = float(line.rsplit(" ", 1)[1])
-        statuses = [s for s, _ in results]
-        tokens = sum(t for _, t in results)
+        metrics = server_metrics(httpx.get(proc.url + "/metrics", timeout=30).text)
+        statuses = [s for s, _, _ in results]
+        tokens = sum(t for _, t, _ in results)
         max_running = int(setup["engine_args"]["max_num_seqs"])
         out.write_text(json.dumps({
             "dp": size, "requests": requests_count, "new_tokens": new_tokens, "ok": statuses.count(200),
             "status_429": statuses.count(429), "status_5xx": sum(s >= 500 for s in statuses),
             "other_status": sorted({s for s in statuses if s not in (200, 429) and s < 500}),
             "wall_s": wall, "generated_tokens": tokens, "tokens_per_s": tokens / wall, "startup_s": startup,
-            "per_replica_completed": per_replica, "request_limit": limit,
-            "request_limit_expected": max_running * size + waiting,
+            # Where a request's time goes: as the client saw it, and inside the engines (vLLM's histograms).
+            "client_latency_mean_s": sum(lat for _, _, lat in results) / len(results),
+            **metrics, "request_limit_expected": max_running * size + waiting,
         }))
     finally:
         proc.stop()
 
 
+def server_metrics(text: str) -> dict[str, Any]:
+    """From /metrics (prometheus_client's parser): completions per replica, the 429 limit, and the
+    engines' mean time per request in each phase (queue, prefill, decode, end to end)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    per_replica: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    limit = None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "vllm:request_success_total":
+                engine = sample.labels.get("engine", "0")
+                per_replica[engine] = per_replica.get(engine, 0.0) + sample.value
+            elif sample.name == "genarm_request_limit":
+                limit = sample.value
+            for phase in ENGINE_PHASES:
+                if sample.name == f"vllm:{phase}_seconds_sum":
+                    sums[phase] = sums.get(phase, 0.0) + sample.value
+                elif sample.name == f"vllm:{phase}_seconds_count":
+                    counts[phase] = counts.get(phase, 0.0) + sample.value
+    means = {f"engine_{phase}_mean_s": sums[phase] / counts[phase] for phase in sums if counts.get(phase)}
+    return {"per_replica_completed": per_replica, "request_limit": limit, **means}
+
+
+ENGINE_PHASES = ("request_queue_time", "request_prefill_time", "request_decode_time", "e2e_request_latency")
+
+
 def load_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def latency_cell(entry: dict[str, Any]) -> str:
+    if "client_latency_mean_s" not in entry:
+        return "-"  # measured before these were recorded
+    phases = [entry.get(f"engine_{p}_mean_s") for p in ENGINE_PHASES]
+    if None in phases:
+        return f"{entry['client_latency_mean_s']:.2f} / -"
+    queue, prefill, decode, e2e = phases
+    return f"{entry['client_latency_mean_s']:.2f} / {e2e:.2f} ({queue:.2f} + {prefill:.2f} + {decode:.2f})"
 
 
 def report(out: Path, command: str) -> dict[str, Any]:
@@ -164,13 +198,15 @@ def report(out: Path, command: str) -> dict[str, Any]:
         lines.append("")
     dp = {int(p.stem[2:]): load_json(p) for p in sorted(out.glob("dp[0-9]*.json"))}
     if dp:
-        lines += ["| genarm-serve | requests OK | 429 | 5xx | tok/s | vs DP=1 | completed per replica | 429 limit (expected) |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["| genarm-serve | requests OK | 429 | 5xx | tok/s | vs DP=1 | completed per replica | 429 limit (expected) | "
+                  "mean latency: client / engine e2e (queue + prefill + decode) s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for size, entry in sorted(dp.items()):
             ratio = f"{entry['tokens_per_s'] / dp[1]['tokens_per_s']:.2f}x" if 1 in dp else "-"
             replicas = ", ".join(f"{k}: {v:.0f}" for k, v in sorted(entry["per_replica_completed"].items()))
             lines.append(f"| DP={size} | {entry['ok']}/{entry['requests']} | {entry['status_429']} | {entry['status_5xx']} | "
-                         f"{entry['tokens_per_s']:.0f} | {ratio} | {replicas} | {entry['request_limit']:.0f} ({entry['request_limit_expected']}) |")
+                         f"{entry['tokens_per_s']:.0f} | {ratio} | {replicas} | {entry['request_limit']:.0f} ({entry['request_limit_expected']}) | "
+                         f"{latency_cell(entry)} |")
             result["dp"][f"dp{size}"] = entry
     (out / "multigpu.json").write_text(json.dumps(result, indent=1))
     table = "\n".join(lines)

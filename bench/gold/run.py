@@ -51,6 +51,23 @@ def write_json(path: Path, data: Any) -> None:
 
 
 class Experiment:
+    # What `main` needs to run an experiment of this kind (bench/gold/weak_to_strong.py is another).
+    config_class: type[GoldConfig] = GoldConfig
+    gpu_stages: list[str] = GPU_STAGES
+    cpu_stages: list[str] = CPU_STAGES
+    stage_estimate_s: dict[str, float] = STAGE_ESTIMATE_S
+
+    @staticmethod
+    def smoke_config(work: Path) -> GoldConfig:
+        from tests.tiny_family import build_tiny_family
+
+        return smoke_config(build_tiny_family(work / "tiny"), work)
+
+    @staticmethod
+    def use_gguf_parts(cfg: GoldConfig, parts: list[Path], work: Path) -> None:
+        """Point the config at models joined from GGUF parts carried to a machine with no network."""
+        cfg.base = str(base_from_gguf_parts(parts, work))
+
     def __init__(self, cfg: GoldConfig) -> None:
         import torch
 
@@ -161,27 +178,30 @@ class Experiment:
         write_json(self.path("pairs.json"), report)
         log(f"pairs: {report}")
 
-    def _train_arm(self, dim: str, recipe: Any) -> dict[str, Any]:
+    def _train_arm(self, dim: str, recipe: Any, model: str | None = None, role: str = "") -> dict[str, Any]:
+        """One ARM on the dimension's gold pairs, trained from `model` (default: the base itself;
+        weak-to-strong trains one from a smaller model too, `role` names it)."""
         from rm_training.config import TrainConfig
         from rm_training.pipeline import train_arm
         from server.adapters import merge_adapter
 
-        out = self.path(f"arms/{dim}-{recipe.name}")
+        model = model or self.base_path
+        out = self.path(f"arms/{dim}-{role + '-' if role else ''}{recipe.name}")
         if (out / "result.json").is_file():
             return read_json(out / "result.json")
         if out.exists():
             shutil.rmtree(out)
         settings = {"max_length": self.cfg.max_prompt_tokens + self.cfg.max_new_tokens + 8,
                     "max_prompt_length": self.cfg.max_prompt_tokens, "progress": False, **recipe.settings}
-        tc = TrainConfig(model=self.base_path, data=str(self.path(f"pairs/{dim}_train.jsonl")), dimension=dim,
-                         out=str(out), heldout_data=str(self.path(f"pairs/{dim}_heldout.jsonl")),
+        tc = TrainConfig(model=model, base_model=self.base_path, data=str(self.path(f"pairs/{dim}_train.jsonl")),
+                         dimension=dim, out=str(out), heldout_data=str(self.path(f"pairs/{dim}_heldout.jsonl")),
                          command=f"python -m bench.gold.run (recipe {recipe.name})", **settings)
         started = time.monotonic()
         result = train_arm(tc)
         evals = [e["eval_accuracy"] for e in result.log_history if "eval_accuracy" in e]
         info = {
-            "recipe": recipe.name, "settings": settings, "adapter": str(result.adapter_dir),
-            "merged": str(merge_adapter(result.adapter_dir, self.base_path)),
+            "recipe": recipe.name, "settings": settings, "adapter": str(result.adapter_dir), "model": model,
+            "merged": str(merge_adapter(result.adapter_dir, model)),
             "heldout_accuracy": result.metrics.get("heldout_accuracy"),
             "heldout_accuracy_untrained": evals[0] if evals else None,
             "heldout_margin": result.metrics.get("heldout_margin"),
@@ -189,7 +209,7 @@ class Experiment:
             "train_s": time.monotonic() - started, "pairs_per_s": result.metrics.get("train_pairs_per_s"),
         }
         write_json(out / "result.json", info)
-        log(f"arm {dim}/{recipe.name}: held-out accuracy {info['heldout_accuracy_untrained']} -> "
+        log(f"arm {out.name}: held-out accuracy {info['heldout_accuracy_untrained']} -> "
             f"{info['heldout_accuracy']} ({info['train_s']:.0f} s)")
         return info
 
@@ -200,6 +220,10 @@ class Experiment:
         for recipe in self.cfg.arm_ablations:
             arms[f"{self.cfg.dimensions[0]}/{recipe.name}"] = self._train_arm(self.cfg.dimensions[0], recipe)
         write_json(self.path("arms.json"), arms)
+
+    def dpo_model(self) -> str:
+        """The model DPO tunes (the base; weak-to-strong tunes the weak model: proxy-tuning's expert)."""
+        return self.base_path
 
     def stage_dpo(self) -> None:
         from bench.gold.dpo import train_dpo
@@ -213,7 +237,7 @@ class Experiment:
             key = f"{beta:g}"
             if key in done:
                 continue
-            done[key] = train_dpo(self.base_path, self.path(f"pairs/{dim}_train.jsonl"),
+            done[key] = train_dpo(self.dpo_model(), self.path(f"pairs/{dim}_train.jsonl"),
                                   self.path(f"dpo/beta_{key}"), beta, settings)
             write_json(self.path("dpo.json"), done)
             log(f"dpo beta {key}: {done[key]['train_s']:.0f} s, loss {done[key]['train_loss']:.3f}")
@@ -376,7 +400,8 @@ class Experiment:
                     continue
                 texts[task["name"]] = [s["text"] for per in task["samples"] for s in per]
                 owners[task["name"]] = [users[b % len(users)] for b, per in enumerate(task["samples"]) for _ in per]
-        for key, item in read_json(self.path("hf.json")).items():
+        hf = read_json(self.path("hf.json")) if self.path("hf.json").is_file() else {}  # no hf stage: none
+        for key, item in hf.items():
             texts[key] = item["texts"]
             owners[key] = [u for u in users for _ in range(self.cfg.eval_samples)][:len(item["texts"])]
         scores = {}
@@ -491,8 +516,10 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, kind: type[Experiment] = Experiment) -> int:
+    """Run `kind`'s stages (the gold experiment by default) with this command line."""
+    parser = argparse.ArgumentParser(description=sys.modules[kind.__module__].__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML settings (bench/gold/configs/)")
     parser.add_argument("--smoke", action="store_true", help="every stage on tiny random models (the tests)")
     parser.add_argument("--stages", default="all", help="comma list, or gpu / cpu / all")
@@ -501,28 +528,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="override the config's work folder")
     parser.add_argument("--pack", action="store_true", help="pack the work folder's outputs into --out (GPU calls)")
     parser.add_argument("--gguf-parts", nargs="+", metavar="DIR",
-                        help="folders holding the base's GGUF halves (bench/train_gpu.py split): joined, checked, "
-                             "converted once into the work folder, then used as the base")
+                        help="folders holding the models' GGUF parts (bench/train_gpu.py split; weak-to-strong: "
+                             "bench/gold/stage.py park): joined, checked, converted once into the work folder")
     args = parser.parse_args(argv)
     started = time.monotonic()
     if args.smoke:
-        from tests.tiny_family import build_tiny_family
-
-        work = Path(args.workdir or "/tmp/genarm-gold-smoke")
-        cfg = smoke_config(build_tiny_family(work / "tiny"), work)
+        cfg = kind.smoke_config(Path(args.workdir or f"/tmp/genarm-{kind.config_class.name}-smoke"))
     else:
         if not args.config:
             parser.error("--config or --smoke")
-        cfg = GoldConfig.load(args.config)
+        cfg = kind.config_class.load(args.config)
     if args.workdir:
         cfg.workdir = args.workdir
     if args.gguf_parts:
-        cfg.base = str(base_from_gguf_parts([Path(p) for p in args.gguf_parts], Path(os.path.expanduser(cfg.workdir))))
-    exp = Experiment(cfg)
+        kind.use_gguf_parts(cfg, [Path(p) for p in args.gguf_parts], Path(os.path.expanduser(cfg.workdir)))
+    exp = kind(cfg)
     write_json(exp.path("config.json"), cfg.to_dict())
     if not exp.path("environment.json").is_file() or args.pack:
         write_json(exp.path("environment.json"), environment())
-    stages = {"gpu": GPU_STAGES, "cpu": CPU_STAGES, "all": GPU_STAGES + CPU_STAGES}.get(args.stages)
+    stages = {"gpu": kind.gpu_stages, "cpu": kind.cpu_stages, "all": kind.gpu_stages + kind.cpu_stages}.get(args.stages)
     stages = stages or [s.strip() for s in args.stages.split(",") if s.strip()]
     done_file = exp.path("stages_done.json")
     done = read_json(done_file) if done_file.is_file() else {}
@@ -531,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         if stage in done and stage != "report":
             continue
         elapsed = time.monotonic() - started
-        if args.deadline and elapsed + STAGE_ESTIMATE_S.get(stage, 60) > args.deadline:
+        if args.deadline and elapsed + kind.stage_estimate_s.get(stage, 60) > args.deadline:
             log(f"stopping before {stage}: {elapsed:.0f} s used of {args.deadline:.0f}")
             break
         log(f"stage {stage}")
