@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.vllm_worker import run_engine_job
+from server.vllm_glue.parallel import NO_ALLREDUCE_FUSION
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 256
@@ -44,6 +45,11 @@ SPEED_CONFIGS: dict[str, dict[str, Any]] = {
                    num_key_value_heads=1, head_dim=32, tie_word_embeddings=False),
 }
 SPEED_VOCAB = 128256
+# NVLink multicast off in every process (it can put shared GPUs out of service).
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+# vLLM's own process layout, and the compilation the guided engine gets at TP > 1 on CUDA (no
+# all-reduce fusion: server/vllm_glue/parallel.py), for the plain baseline too.
+TP_ARGS = {"distributed_executor_backend": "mp", "compilation_config": NO_ALLREDUCE_FUSION}
 
 
 # ------------------------------------------------------------------------------------ models
@@ -239,8 +245,6 @@ def check_pair(label: str, base: str, arms: dict[str, str], out: Path, smoke: bo
     zeros = [{d: 0.0 for d in arms} for _ in range(count)]
     args = engine_args_for(smoke, max_num_seqs=64, tensor_parallel_size=tp)
     if tp > 1:
-        from bench.multigpu import TP_ARGS
-
         args |= TP_ARGS
     common = dict(kind="generate", base=base, prompt_ids=prompt_ids, max_tokens=16 if smoke else max_tokens,
                   engine_args=args)
@@ -482,6 +486,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.update(NO_MULTICAST)
     if args.phase == "correctness":
         real = (args.real_base, dict(a.split("=", 1) for a in args.real_arm)) if args.real_base else None
         correctness(args.out, args.smoke, args.families, args.tp, real)

@@ -22,15 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.engine_gpu import SPEED_VOCAB, run_child, speed_model_folder
-from server.vllm_glue.parallel import NO_ALLREDUCE_FUSION
+from bench.engine_gpu import NO_MULTICAST, SPEED_VOCAB, TP_ARGS, run_child, speed_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-# NVLink multicast off in every process (it can put shared GPUs out of service).
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-# vLLM's own process layout, and the compilation the guided engine gets at TP > 1 on CUDA (no
-# all-reduce fusion: server/vllm_glue/parallel.py), for the plain baseline too.
-TP_ARGS = {"distributed_executor_backend": "mp", "compilation_config": NO_ALLREDUCE_FUSION}
 
 
 def model_setup(kind: str, root: Path) -> dict[str, Any]:
