@@ -10,8 +10,10 @@
 # Device calls, back to back:
 #   carry .vwN (N=0..7):    mkdir -p /root/wh && cp .vwN/* /root/wh/
 #   carry .vdeps:           bash .vdeps/install.sh
-#   carry .gg0 .whl:        mkdir -p /root/st && cp .gg0/* /root/st/ && python3 -m pip install -q --no-index \
-#                             --no-deps --no-compile --target /tmp/site .whl/*.whl
+#   carry .gg0 .whl .whl2:  mkdir -p /root/st && cp .gg0/* /root/st/ && python3 -m pip install -q --no-index \
+#                             --no-deps --no-compile --target /tmp/site .whl/*.whl .whl2/*.whl
+#   (.whl: trl datasets multiprocess gguf peft, as bench/train_gpu.py says; .whl2: what vLLM 0.26's
+#    API server imports and .vdeps lacks: model-hosting-container-standards jmespath supervisor)
 #   carry .gg1 .gpu-data:   cp .gg1/* /root/st/ && mkdir -p /root/data && cp .gpu-data/* /root/data/
 #   carry .gg2:             cp .gg2/* /root/st/ && bash bench/multigpu_gpu.sh setup train
 #   then:                   bash bench/multigpu_gpu.sh correct1 correct2    (and: tp dp)
