@@ -15,6 +15,7 @@ log-probs checked). CPU stages: score (gold and guards), report.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -50,6 +51,13 @@ def write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def resolved_path(ref: str) -> str:
+    """A model folder for a path or a known model name (fetched once)."""
+    from genarm_common.model_fetch import resolve_model_ref
+
+    return str(resolve_model_ref(ref))
+
+
 class Experiment:
     # What `main` needs to run an experiment of this kind (bench/gold/weak_to_strong.py is another).
     config_class: type[GoldConfig] = GoldConfig
@@ -77,17 +85,12 @@ class Experiment:
         self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                                    else (cfg.device if cfg.device != "auto" else "cpu"))
         self.hf_dtype = getattr(torch, cfg.hf_dtype)
-        self._base_path: str | None = None
         self._tokenizer = None
 
     # ------------------------------------------------------------------ shared pieces
-    @property
+    @functools.cached_property
     def base_path(self) -> str:
-        if self._base_path is None:
-            from genarm_common.model_fetch import resolve_model_ref
-
-            self._base_path = str(resolve_model_ref(self.cfg.base))
-        return self._base_path
+        return resolved_path(self.cfg.base)
 
     @property
     def tokenizer(self) -> Any:

@@ -36,6 +36,7 @@ time per token and model weights used per token, relative to the strong ARM's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -49,7 +50,7 @@ import numpy as np
 
 from bench.gold.config import GoldConfig, smoke_config
 from bench.gold.report import BOOTSTRAP, Table, fmt, per_prompt, plot_frontier, read
-from bench.gold.run import Experiment, log, main as run_main, read_json, write_json
+from bench.gold.run import Experiment, log, main as run_main, read_json, resolved_path, write_json
 from bench.gold.stage import split_file
 
 ROLES = ("strong", "weak")
@@ -121,19 +122,14 @@ class WeakToStrong(Experiment):
 
     def __init__(self, cfg: W2SConfig) -> None:
         super().__init__(cfg)
-        self._weak_path: str | None = None
 
     @property
     def dim(self) -> str:
         return self.cfg.dimensions[0]
 
-    @property
+    @functools.cached_property
     def weak_path(self) -> str:
-        if self._weak_path is None:
-            from genarm_common.model_fetch import resolve_model_ref
-
-            self._weak_path = str(resolve_model_ref(self.cfg.weak))
-        return self._weak_path
+        return resolved_path(self.cfg.weak)
 
     @property
     def tokenizer(self) -> Any:
