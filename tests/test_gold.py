@@ -15,8 +15,12 @@ import pytest
 from tests.server_process import ROOT
 
 
-def run(*args: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "bench.gold.run", "--smoke", *args], cwd=ROOT,
+W2S = "bench.gold.weak_to_strong"
+
+
+def run(*args: str, module: str = "bench.gold.run") -> None:
+    """An experiment's command line on the tiny models, as a user runs it."""
+    done = subprocess.run([sys.executable, "-m", module, "--smoke", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -95,23 +99,17 @@ def test_every_method_has_gold_kl_guard_and_cost(smoke: dict) -> None:
 # ---------------------------------------------------------------------------- weak-to-strong (bench/gold/weak_to_strong.py)
 
 
-def run_w2s(*args: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "bench.gold.weak_to_strong", "--smoke", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-
 @pytest.fixture(scope="module")
 def w2s(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """As on the GPU machine: the GPU stages, packed; then the CPU stages from the unpacked tarballs
     (the work folder and the base's tokenizer: no model is needed on the CPU side)."""
     root = tmp_path_factory.mktemp("w2s")
     packed, out = root / "packed", root / "out"
-    run_w2s("--workdir", str(root / "gpu-work"), "--stages", "gpu", "--pack", "--out", str(packed))
+    run("--workdir", str(root / "gpu-work"), "--stages", "gpu", "--pack", "--out", str(packed), module=W2S)
     for name in ("gold_work.tar.gz", "gold_tokenizer.tar.gz"):
         with tarfile.open(packed / name) as tar:
             tar.extractall(root / "cpu-work", filter="data")
-    run_w2s("--workdir", str(root / "cpu-work"), "--stages", "cpu", "--out", str(out))
+    run("--workdir", str(root / "cpu-work"), "--stages", "cpu", "--out", str(out), module=W2S)
     return {"results": json.loads((out / "results.json").read_text()), "out": out, "packed": packed}
 
 
