@@ -5,6 +5,7 @@ no Triton). vLLM's real NewRequestData and SamplingParams; a stand-in for its In
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,8 +163,6 @@ def test_runner_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert runner.choose_runner() == "v1"  # the default everywhere for now
     monkeypatch.setenv(runner.RUNNER_ENV, "v1")
     assert runner.prepare_environment() == "v1"
-    import os
-
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
     monkeypatch.setenv(runner.RUNNER_ENV, "v2")  # this CPU build has no Triton: refused, with why
     with pytest.raises(SetupError, match="GENARM_RUNNER=v2: .*CUDA"):
