@@ -157,12 +157,14 @@ def test_the_model_state_hooks_feed_the_slot_table(monkeypatch: pytest.MonkeyPat
     assert calls == ["add a", "add b", "prepare", "remove a"]
 
 
-def test_runner_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runner_choice(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv(runner.RUNNER_ENV, raising=False)
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
     assert runner.choose_runner() == "v1"  # the default everywhere for now
     monkeypatch.setenv(runner.RUNNER_ENV, "v1")
+    monkeypatch.setattr(runner, "_announced", set())
     assert runner.prepare_environment() == "v1"
+    assert "guided engine on V1 runner" in capsys.readouterr().err  # the start-up line
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
     monkeypatch.setenv(runner.RUNNER_ENV, "v2")  # this CPU build has no Triton: refused, with why
     with pytest.raises(SetupError, match="GENARM_RUNNER=v2: .*CUDA"):

@@ -15,6 +15,7 @@ Default: V1 everywhere, CUDA included, for now: the MRv2 path is not yet verifie
 from __future__ import annotations
 
 import os
+import sys
 from importlib.util import find_spec
 from typing import TYPE_CHECKING, Literal
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 Runner = Literal["v1", "v2"]
 RUNNER_ENV = "GENARM_RUNNER"
 _VLLM_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+_announced: set[str] = set()  # the start-up line, once per runner and process
 
 
 def mrv2_unavailable() -> str | None:
@@ -62,13 +64,14 @@ def choose_runner() -> Runner:
 def prepare_environment() -> Runner:
     """Choose the runner, tell vLLM (explicitly, so an unsupported feature raises instead of
     silently falling back), and say which in one start-up line."""
-    from vllm.logger import init_logger
-
     runner = choose_runner()
     os.environ[_VLLM_ENV] = "1" if runner == "v2" else "0"
-    how = "Model Runner V2, weights in its model state" if runner == "v2" else "V1 runner, weights in a V1 logits processor"
-    # Under vLLM's logger: vLLM configures its handlers, and this line should show with its own.
-    init_logger("vllm.genarm").info("GenARM guided engine: %s (%s=%s)", how, RUNNER_ENV, runner)
+    if runner not in _announced:
+        _announced.add(runner)
+        how = "Model Runner V2, weights in its model state" if runner == "v2" else "V1 runner, weights in a V1 logits processor"
+        # stderr, not a logger: vLLM >= 0.32 configures its log handlers only later (from the CLI
+        # arguments), and an INFO line logged before that is dropped.
+        print(f"genarm: guided engine on {how} ({RUNNER_ENV}={runner})", file=sys.stderr, flush=True)
     return runner
 
 
