@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import AutoConfig
 
@@ -18,6 +18,9 @@ from genarm_common.model_checks import FusionSetup, check_fusion_setup
 from server.cpu_defaults import apply_cpu_defaults
 from server.fusion import WeightError
 from server.guidance import GuidanceSpec
+
+if TYPE_CHECKING:
+    from server.vllm_glue.runner import Runner
 
 # Engine arguments that cannot work with one weight row per request and step.
 UNSUPPORTED_ENGINE_ARGS = {
@@ -82,10 +85,11 @@ def guided_engine_args(
     from server.vllm_glue.attention import attention_backend_args, user_chose_attention_backend
     from server.vllm_glue.cpu_memory import cpu_free_memory_bytes
     from server.vllm_glue.parallel import apply_tensor_parallel_defaults
+    from server.vllm_glue.runner import weights_processors
     from server.vllm_glue.spec import engine_overrides
-    from server.vllm_glue.weights import weights_processor
 
     model.validate()
+    runner = prepare_guided_runtime()  # first: a runner that cannot run is a start-up error
     args = dict(engine_args or {})
     for key, what in UNSUPPORTED_ENGINE_ARGS.items():
         value = args.get(key)
@@ -117,23 +121,26 @@ def guided_engine_args(
     args.update(
         model=str(setup.base.path),
         hf_overrides=overrides,
-        # A processor class bound to this spec: requests are checked against this engine's own.
-        logits_processors=[*(args.get("logits_processors") or []), weights_processor(spec)],
     )
+    # On V1, a processor class bound to this spec (requests are checked against this engine's own).
+    processors = [*(args.get("logits_processors") or []), *weights_processors(spec, runner)]
+    if processors:
+        args["logits_processors"] = processors
     if model.served_model_name:
         args.setdefault("served_model_name", model.served_model_name)
-    prepare_guided_runtime()
     return args, setup
 
 
-def prepare_guided_runtime() -> None:
+def prepare_guided_runtime() -> Runner:
     """This process runs engines on the guided engine's model runner, with its model and attention
-    backend registered (also for a plain base-alone baseline on the same runner and backend)."""
+    backend registered (also for a plain base-alone baseline on the same runner and backend).
+    Returns the runner ("v1" or "v2", server.vllm_glue.runner)."""
     from server.vllm_glue.plugin import register
     from server.vllm_glue.runner import prepare_environment
 
-    prepare_environment()
+    runner = prepare_environment()
     register()
+    return runner
 
 
 def baseline_engine_args(engine_args: Mapping[str, Any] | None = None) -> dict[str, Any]:

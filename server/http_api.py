@@ -102,6 +102,19 @@ def resolve_weights(body: dict[str, Any], spec: GuidanceSpec) -> dict[str, float
     return spec.as_mapping(row)
 
 
+def refuse_unsupported(body: dict[str, Any]) -> None:
+    """Options the guided engine cannot serve, refused here: on Model Runner V2 (vLLM 0.26) no
+    engine hook refuses them (on V1 the weights processor does too)."""
+    prompt_logprobs = body.get("prompt_logprobs") is not None
+    if body.get("echo") and body.get("logprobs") is not None:  # vLLM turns this into prompt logprobs
+        prompt_logprobs = True
+    if prompt_logprobs:
+        raise RequestError(
+            "prompt_logprobs is not supported with GenARM guidance (logprobs of generated tokens are)",
+            "prompt_logprobs",
+        )
+
+
 def _requested_weights(alignment: object) -> dict[str, object] | None:
     """The `weights` mapping of an `alignment` object (None: use the defaults)."""
     if alignment is None:
@@ -270,6 +283,12 @@ class AlignmentMiddleware:
             body = None
         if not isinstance(body, dict):  # not ours to judge: vLLM answers malformed JSON itself
             await self.app(scope, replay(raw, receive), send)
+            return
+        try:
+            refuse_unsupported(body)
+        except RequestError as err:
+            REJECTED.labels(reason="unsupported_option").inc()
+            await send_json(send, 400, error_body(400, str(err), err.param))
             return
         try:
             weights = resolve_weights(body, self.spec)

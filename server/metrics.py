@@ -28,7 +28,7 @@ FALLBACKS = Counter(
     ["reason"],
 )
 FALLBACK_REASONS = ("no_weight_table", "row_count_mismatch", "invalid_weights")
-REJECT_REASONS = ("bad_alignment", "queue_full", "unsupported_endpoint")
+REJECT_REASONS = ("bad_alignment", "queue_full", "unsupported_endpoint", "unsupported_option")
 # Every series exists from the start (at 0), so a dashboard or a test never mistakes a missing one for 0.
 for _mode in ("guided", "base"):
     REQUESTS.labels(mode=_mode)

@@ -172,6 +172,16 @@ def test_bad_weights_through_vllm_xargs_are_refused_too(server: ServerProcess) -
     assert ok.status_code == 200 and ok.json()["alignment"] == {"weights": {"harmless": 2.0, "helpful": 0.0}}
 
 
+@pytest.mark.parametrize("extra", [{"prompt_logprobs": 1}, {"echo": True, "logprobs": 1}])
+def test_prompt_logprobs_get_400_before_the_engine(server: ServerProcess, extra: dict) -> None:
+    """Refused by the HTTP layer: on Model Runner V2 (vLLM 0.26) no engine hook would refuse them."""
+    rejected = metric(server, "genarm_rejected_requests_total", 'reason="unsupported_option"')
+    body = {"model": "tiny-guided", "prompt": "Hi", "max_tokens": 2, **extra}
+    response = httpx.post(server.url + "/v1/completions", json=body, headers=AUTH, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt_logprobs", response.text
+    assert metric(server, "genarm_rejected_requests_total", 'reason="unsupported_option"') == rejected + 1
+
+
 def test_server_keeps_serving_after_bad_requests(client: openai.OpenAI) -> None:
     assert complete(client, PROMPTS[1], {"harmless": 1.0}).choices[0].text is not None
 

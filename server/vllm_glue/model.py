@@ -7,8 +7,10 @@
 - `forward` returns the sub-models' last hidden states concatenated on the last dimension, so the
   runner's own row selection (`logits_indices`) picks each request's row for every model.
 - `compute_logits` fuses in float32 with `server.fusion.fused_logprobs`, so the log-probs vLLM
-  reports are those of the fused distribution; the weights come from the engine's weight table
-  (server.vllm_glue.weights).
+  reports are those of the fused distribution; the weights are the step's rows `step_weights`
+  returns (server.vllm_glue.weights), written by the V1 logits processor on the V1 runner or by
+  the model state `get_model_state_cls` names on Model Runner V2 (each runner uses its own hook
+  and ignores the other).
 - The ARMs' weights are secondary weight sources of vLLM's own loader, so `--load-format` and
   friends apply to them as to the base.
 """
@@ -81,6 +83,13 @@ class GenARMForCausalLM(nn.Module):
         self.hidden_sizes = hidden_sizes
         self.make_empty_intermediate_tensors = None
 
+    @classmethod
+    def get_model_state_cls(cls) -> type:
+        """Model Runner V2's per-request state hook: the state that carries the weights there."""
+        from server.vllm_glue.model_state import GenARMModelState  # imports MRv2: only when it runs
+
+        return GenARMModelState
+
     @property
     def arms(self) -> list[nn.Module]:
         return [getattr(self, name) for name in self.arm_names]
@@ -124,7 +133,7 @@ class GenARMForCausalLM(nn.Module):
             weights[:, active],
             self.vocab_size,
             out_width=base_logits.shape[-1],
-            validate=False,  # checked when each request arrived (GenARMWeights.validate_params)
+            validate=False,  # checked at admission; an unusable row was set to 0 (WeightTable.set)
         )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -1,5 +1,10 @@
-"""Per-request guidance weights: a V1 logits processor that checks each request's weights when it
-arrives and keeps one weight row per request of the persistent batch, for the model to read.
+"""Per-request guidance weights: the weight table both model runners fill, the one reader the model
+uses (`step_weights`), and the V1 logits processor that fills it on vLLM's V1 runner.
+
+- `WeightTable` holds one float32 row per batch index (V1) or request slot (MRv2,
+  server.vllm_glue.model_state); `set` never raises on request data.
+- Each step's writer publishes a `WeightRows` (rows in the step's batch order) under the engine's
+  `VllmConfig.instance_id`; `compute_logits` reads it with `step_weights`.
 
 - Admission: the engine is configured with `weights_processor(spec)`, a processor class bound to
   the engine's own spec, so `validate_params` (a classmethod, run in the API server process)
@@ -31,22 +36,32 @@ if TYPE_CHECKING:
     from vllm import SamplingParams
     from vllm.config import VllmConfig
 
-# The weight table of each engine (VllmConfig.instance_id) in this process, for its model to read.
-# Last one wins: vLLM builds the processors again when it rebuilds its persistent batch.
-_TABLES: dict[str, GenARMWeights] = {}
+# The current step's rows of each engine (VllmConfig.instance_id) in this process, for its model to
+# read. Last one wins: vLLM builds the V1 processors again when it rebuilds its persistent batch.
+_STEPS: dict[str, WeightRows] = {}
 
 
 class WeightRows:
     """The weights of the rows of one step, as the model's compute_logits sees them."""
 
-    def __init__(self, device_rows: torch.Tensor, active_arms: list[int]) -> None:
+    def __init__(self, device_rows: torch.Tensor, active_arms: list[int], any_row_count: bool = False) -> None:
         self.device_rows = device_rows  # [batch, K] float32 on the model's device
         self.active_arms = active_arms  # ARMs with a non-zero weight in some row
+        # A dummy (profiling) step of MRv2: every row count is this step's, weights all 0.
+        self.any_row_count = any_row_count
+
+    @classmethod
+    def dummy_step(cls, num_arms: int, device: torch.device) -> WeightRows:
+        """Every ARM at weight 0, whatever the row count: a profiling run then includes the ARMs'
+        logits in the memory peak (their weight 0 leaves the base's logprobs as they are)."""
+        return cls(torch.zeros((0, num_arms), device=device), list(range(num_arms)), any_row_count=True)
 
     def for_rows(self, num_rows: int) -> tuple[torch.Tensor, list[int]]:
         rows = self.device_rows
         if rows.shape[0] == num_rows:
             return rows, self.active_arms
+        if self.any_row_count:
+            return rows.new_zeros((num_rows, rows.shape[1])), self.active_arms
         if rows.shape[0] > 0:  # requests are waiting on these rows: they get the base alone
             report_fallback(
                 "row_count_mismatch",
@@ -57,17 +72,56 @@ class WeightRows:
         return rows.new_zeros((num_rows, rows.shape[1])), []
 
 
+def publish_step(instance_id: str, rows: WeightRows) -> None:
+    """The rows `step_weights` returns for this engine until the next publication."""
+    _STEPS[instance_id] = rows
+
+
 def step_weights(instance_id: str, num_rows: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
     """Weights [num_rows, K] of the engine's current step and the ARMs they use (none: base alone)."""
-    table = _TABLES.get(instance_id)
-    if table is None:
+    rows = _STEPS.get(instance_id)
+    if rows is None:
         report_fallback(
             "no_weight_table",
-            f"GenARM: engine {instance_id} has no weight table (its logits processor is not loaded); "
-            "serving the base model alone",
+            f"GenARM: engine {instance_id} has no weight table (neither its logits processor nor its "
+            "model state is loaded); serving the base model alone",
         )
         return torch.zeros((num_rows, 0), device=device), []
-    return table.rows.for_rows(num_rows)
+    return rows.for_rows(num_rows)
+
+
+class WeightTable:
+    """One float32 weight row per index (V1: batch index; MRv2: request slot), host memory."""
+
+    def __init__(self, spec: GuidanceSpec, num_rows: int) -> None:
+        self.spec = spec
+        self.values = np.zeros((num_rows, len(spec.dimensions)), np.float32)
+
+    def set(self, index: int, extra_args: dict[str, Any] | None) -> None:
+        """Row `index` from a request's extra_args. Never raises on request data: a raise in the
+        step would end every request in flight, so an unusable row is served by the base alone."""
+        try:
+            self.values[index] = self.spec.row_from_extra_args(extra_args)
+        except WeightError as err:  # admitted without this engine's checks
+            report_fallback("invalid_weights", f"GenARM: a request's weights are unusable ({err}); "
+                                               "it is served by the base model alone")
+            self.values[index] = 0.0
+
+    def clear(self, index: int) -> None:
+        self.values[index] = 0.0
+
+    def gather(self, order: np.ndarray | slice, device: torch.device, pin: bool) -> WeightRows:
+        """The rows of `order` (a step's batch order) as a fresh device tensor. Never written in
+        place, so a step still in flight on the device keeps reading the rows it was launched with
+        (asynchronous scheduling); a pinned source keeps its block until its copy has run."""
+        current = self.values[order]
+        rows = torch.from_numpy(np.array(current, copy=True))
+        if pin:
+            rows = rows.pin_memory()
+        return WeightRows(
+            rows.to(device, non_blocking=pin),
+            [int(k) for k in np.flatnonzero((current != 0).any(axis=0))],
+        )
 
 
 class GenARMWeights(LogitsProcessor):
@@ -96,11 +150,12 @@ class GenARMWeights(LogitsProcessor):
         self.device = device
         self.pin = is_pin_memory
         num_arms = len(self.spec.dimensions) if self.spec else 0
-        self.table = np.zeros((vllm_config.scheduler_config.max_num_seqs, num_arms), np.float32)
+        self.instance_id = vllm_config.instance_id
+        self.weights = WeightTable(self.spec, vllm_config.scheduler_config.max_num_seqs) if self.spec else None
         self.batch_size = 0
         self.rows = WeightRows(torch.zeros((0, num_arms), device=device), [])
         if self.spec is not None:
-            _TABLES[vllm_config.instance_id] = self
+            publish_step(self.instance_id, self.rows)
 
     def is_argmax_invariant(self) -> bool:
         return True  # apply() leaves the logits alone; the fusion happens in the model
@@ -109,36 +164,22 @@ class GenARMWeights(LogitsProcessor):
         return logits
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if batch_update is None or self.spec is None:
+        if batch_update is None or self.weights is None:
             return
+        table = self.weights.values
         for index in batch_update.removed:
-            self.table[index] = 0.0
+            self.weights.clear(index)
         for index, params, _, _ in batch_update.added:
-            self.table[index] = self._row(getattr(params, "extra_args", None))
+            self.weights.set(index, getattr(params, "extra_args", None))
         for src, dst, direction in batch_update.moved:
             if direction == MoveDirectionality.SWAP:
-                self.table[[src, dst]] = self.table[[dst, src]]
+                table[[src, dst]] = table[[dst, src]]
             else:
-                self.table[dst] = self.table[src]
+                table[dst] = table[src]
         self.batch_size = batch_update.batch_size
-        current = self.table[: self.batch_size]
-        rows = torch.from_numpy(current.copy())
-        if self.pin:
-            rows = rows.pin_memory()
-        # A fresh tensor per change (never written in place), so a step still in flight on the
-        # device keeps reading the rows it was launched with (asynchronous scheduling).
-        self.rows = WeightRows(
-            rows.to(self.device, non_blocking=self.pin),
-            [int(k) for k in np.flatnonzero((current != 0).any(axis=0))],
-        )
-
-    def _row(self, extra_args: dict[str, Any] | None) -> list[float]:
-        try:
-            return self.spec.row_from_extra_args(extra_args)
-        except WeightError as err:  # admitted without this engine's checks (see validate_params)
-            report_fallback("invalid_weights", f"GenARM: a request's weights are unusable ({err}); "
-                                               "it is served by the base model alone")
-            return [0.0] * len(self.spec.dimensions)
+        # V1's batch index is the row: the step's order is the table's first rows.
+        self.rows = self.weights.gather(slice(0, self.batch_size), self.device, self.pin)
+        publish_step(self.instance_id, self.rows)
 
 
 class _BoundToSpec(ABCMeta):
