@@ -1,8 +1,8 @@
 """Guided engine on the GPU machine: correctness against the reference, and speed vs plain vLLM.
 
     python -m bench.engine_gpu correctness --out DIR      # bf16, teacher-forced vs fp32 reference
-        [--families llama qwen2] [--tp N] [--real-base HF_FOLDER --real-arm NAME=PATH ...]
-    python -m bench.engine_gpu speed --pairs 1b+1b 8b+1b --out DIR
+        [--families llama qwen2] [--tp N] [--runner v1|v2] [--real-base HF_FOLDER --real-arm NAME=PATH ...]
+    python -m bench.engine_gpu speed --pairs 1b+1b 8b+1b [--runners v1 v2] --out DIR
     python -m bench.engine_gpu reference-speed --pairs 1b+1b 8b+1b --out DIR
     python -m bench.engine_gpu report --out DIR           # engine.json + engine.md from DIR
     (--smoke: tiny sizes, for a dry run on a CPU machine)
@@ -50,6 +50,13 @@ NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 # vLLM's own process layout, and the compilation the guided engine gets at TP > 1 on CUDA (no
 # all-reduce fusion: server/vllm_glue/parallel.py), for the plain baseline too.
 TP_ARGS = {"distributed_executor_backend": "mp", "compilation_config": NO_ALLREDUCE_FUSION}
+RUNNERS = ("v1", "v2")  # the guided engine's model runners (server/vllm_glue/runner.py)
+
+
+def runner_env(runner: str | None) -> dict[str, str]:
+    """The environment that puts a guided engine (or a plain one on its runtime) on `runner`;
+    None: the platform's default."""
+    return {"GENARM_RUNNER": runner} if runner else {}
 
 
 # ------------------------------------------------------------------------------------ models
@@ -142,7 +149,7 @@ def run_child(job: dict[str, Any], out_file: Path, timeout: int = 900) -> dict[s
     `weight_sets` {task name: weights per prompt}: one greedy task each, on one engine."""
     started = time.time()
     engine = {"model": job["base"], "arms": job.get("arms"), "engine_args": job.get("engine_args", {}),
-              "baseline": job.get("runner") == "v1-guided-backend"}
+              "baseline": bool(job.get("baseline"))}
     if job["kind"] == "generate":
         tasks = [{"name": name, "prompt_ids": job["prompt_ids"], "temperature": 0.0, "ignore_eos": True,
                   "max_tokens": job["max_tokens"], "logprobs": True, "weights_per_prompt": weights}
@@ -153,14 +160,14 @@ def run_child(job: dict[str, Any], out_file: Path, timeout: int = 900) -> dict[s
     try:
         # vLLM's own process layout on the GPU (the worker's default is one in-process engine).
         done = run_engine_job(worker_job, out_file.parent / "jobs", out_file.stem, timeout=timeout,
-                              env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+                              env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1", **runner_env(job.get("runner"))})
     except (RuntimeError, subprocess.TimeoutExpired) as err:
         tail = "\n".join(str(err).strip().splitlines()[-15:])
         result = {"job": job, "error": tail}
         out_file.write_text(json.dumps(result))
         print(f"[{job['name']}] FAILED after {time.time() - started:.0f}s:\n{tail}", flush=True)
         return result
-    result: dict[str, Any] = {"job": job, "startup_s": done.get("startup_s")}
+    result: dict[str, Any] = {"job": job, "startup_s": done.get("startup_s"), "model_runner": done.get("model_runner")}
     if job["kind"] == "generate":
         result["outputs"] = {task["name"]: [{"token_ids": per[0]["token_ids"], "logprobs": per[0]["logprobs"]}
                                             for per in task["samples"]] for task in done["tasks"]}
@@ -222,8 +229,9 @@ def prompt_set(tokenizer: Any, count: int, rng: Any, max_len: int = 400) -> list
 
 def check_pair(label: str, base: str, arms: dict[str, str], out: Path, smoke: bool, tp: int = 1,
                count: int = 48, max_tokens: int = 64, weight_choices: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0),
-               ) -> dict[str, Any]:
-    """The engine correctness criterion for one base + ARMs at tensor-parallel size `tp`.
+               runner: str | None = None) -> dict[str, Any]:
+    """The engine correctness criterion for one base + ARMs at tensor-parallel size `tp`, on the
+    guided engine's model `runner` (None: the platform's default).
 
     Greedy, bf16: the guided engine with mixed per-request weights, the guided engine with zero
     weights, and plain vLLM (same runner and attention backend), same prompts; every generated
@@ -247,12 +255,13 @@ def check_pair(label: str, base: str, arms: dict[str, str], out: Path, smoke: bo
     if tp > 1:
         args |= TP_ARGS
     common = dict(kind="generate", base=base, prompt_ids=prompt_ids, max_tokens=16 if smoke else max_tokens,
-                  engine_args=args)
+                  engine_args=args, runner=runner)
     guided = run_child(common | dict(name=f"{label}-tp{tp}-guided", arms=arms,
                                      weight_sets={"guided": weights, "zero": zeros}), out / f"correct-{label}-tp{tp}-guided.json")
-    plain = run_child(common | dict(name=f"{label}-tp{tp}-plain", runner="v1-guided-backend",
+    plain = run_child(common | dict(name=f"{label}-tp{tp}-plain", baseline=True,
                                     weight_sets={"plain": None}), out / f"correct-{label}-tp{tp}-plain.json")
-    entry: dict[str, Any] = {"tensor_parallel_size": tp, "sequences": count, "weights": list(weight_choices)}
+    entry: dict[str, Any] = {"tensor_parallel_size": tp, "sequences": count, "weights": list(weight_choices),
+                             "model_runner": {"guided": guided.get("model_runner"), "plain": plain.get("model_runner")}}
     if "outputs" not in guided or "outputs" not in plain:
         entry["error"] = guided.get("error") or plain.get("error")
         return entry
@@ -276,26 +285,27 @@ def check_pair(label: str, base: str, arms: dict[str, str], out: Path, smoke: bo
 
 
 def correctness(out: Path, smoke: bool, families: list[str], tp: int = 1,
-                real_pair: tuple[str, dict[str, str]] | None = None) -> dict[str, Any]:
-    """check_pair on each random mixed-geometry family (and on a real base + ARM if given), at `tp`;
-    results merged into out/correctness.json under "<family>/tp<N>"."""
+                real_pair: tuple[str, dict[str, str]] | None = None, runner: str | None = None) -> dict[str, Any]:
+    """check_pair on each random mixed-geometry family (and on a real base + ARM if given), at `tp`,
+    on `runner`; results merged into out/correctness.json under "<family>[-<runner>]/tp<N>"."""
     summary_file = out / "correctness.json"
     summary: dict[str, Any] = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     models_root = Path(os.environ.get("GENARM_BENCH_MODELS", "/tmp/genarm-bench-models"))
     pairs = []
-    for arch in families:
-        paths = correctness_family(arch, models_root, smoke)
-        pairs.append((arch, str(paths["base"]), {"same": str(paths["arm-same"]), "other": str(paths["arm-other"])}))
-    if real_pair:
+    if real_pair:  # first: a real pair is the strongest evidence if a call runs out of time
         from server.adapters import resolve_arms
 
         base, arms = real_pair
         pairs.append(("real", base, resolve_arms(base, arms)))
+    for arch in families:
+        paths = correctness_family(arch, models_root, smoke)
+        pairs.append((arch, str(paths["base"]), {"same": str(paths["arm-same"]), "other": str(paths["arm-other"])}))
     for label, base, arms in pairs:
+        label = f"{label}-{runner}" if runner else label
         key = f"{label}/tp{tp}"
         if key in summary and "error" not in summary[key]:
             continue  # resumable across device calls
-        summary[key] = check_pair(label, base, arms, out, smoke, tp=tp)
+        summary[key] = check_pair(label, base, arms, out, smoke, tp=tp, runner=runner)
         summary_file.write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -325,9 +335,10 @@ def teacher_forced_stats(reference: Any, prompt_ids: list, weights: list, output
     )
 
 
-def speed(out: Path, pairs: list[str], smoke: bool, only: list[str] | None) -> None:
-    """Plain vLLM (vLLM defaults; V1 runner + the guided engine's backend) and the guided engine,
-    each at batch 1/16/64/256, 256 new tokens, ignore_eos, random weights, dummy weights."""
+def speed(out: Path, pairs: list[str], smoke: bool, only: list[str] | None, runners: list[str]) -> None:
+    """Plain vLLM with vLLM's own defaults (base alone, ARM alone: the baseline) and the guided
+    engine on each of `runners`, each at batch 1/16/64/256, 256 new tokens, ignore_eos, random
+    weights, dummy weights."""
     root = Path(os.environ.get("GENARM_BENCH_MODELS", "/tmp/genarm-bench-models")) / "speed"
     vocab = 512 if smoke else SPEED_VOCAB
     batches = [1, 4] if smoke else BATCHES
@@ -335,13 +346,12 @@ def speed(out: Path, pairs: list[str], smoke: bool, only: list[str] | None) -> N
     jobs = []
     names = {p for pair in pairs for p in pair.split("+")}
     for name in sorted(names):
-        folder = str(speed_model_folder(name, root, vocab))
-        for runner in ("v1-guided-backend", "defaults"):
-            jobs.append(dict(name=f"plain-{name}-{runner}", base=folder, runner=runner))
+        jobs.append(dict(name=f"plain-{name}-defaults", base=str(speed_model_folder(name, root, vocab))))
     for pair in pairs:
         base, arm = pair.split("+")
-        jobs.append(dict(name=f"guided-{pair}", base=str(speed_model_folder(base, root, vocab)),
-                         arms={"harmless": str(speed_model_folder(arm, root, vocab))}))
+        for runner in runners:
+            jobs.append(dict(name=f"guided-{pair}-{runner}", base=str(speed_model_folder(base, root, vocab)),
+                             arms={"harmless": str(speed_model_folder(arm, root, vocab))}, runner=runner))
     for job in jobs:
         if only and job["name"] not in only:
             continue
@@ -408,29 +418,34 @@ def report(out: Path, command: str) -> dict[str, Any]:
 
     correct = load("correctness.json")
     ref = load("reference-speed.json")
-    lines = ["| pair | batch | guided tok/s | base alone (V1 runner + guided backend) tok/s | base alone (vLLM defaults) tok/s | ARM alone tok/s | ideal tok/s | guided / ideal | guided / base (defaults) |",
+    lines = ["| runner | pair | batch | guided tok/s | base alone (vLLM defaults) tok/s | ARM alone (vLLM defaults) tok/s | ideal tok/s | guided / ideal | guided / base alone |",
              "|---|---|---|---|---|---|---|---|---|"]
     ratios: dict[str, float] = {}
+    rows: list[dict[str, Any]] = []
     for path in sorted(out.glob("speed-guided-*.json")):
         guided = json.loads(path.read_text())
-        pair = guided["job"]["name"].removeprefix("guided-")
+        pair, runner = guided["job"]["name"].removeprefix("guided-").rsplit("-", 1)
         base, arm = pair.split("+")
-        base_v1 = load(f"speed-plain-{base}-v1-guided-backend.json").get("timings", {})
-        base_def = load(f"speed-plain-{base}-defaults.json").get("timings", {})
-        arm_v1 = load(f"speed-plain-{arm}-v1-guided-backend.json").get("timings", {})
+        base_run, arm_run = load(f"speed-plain-{base}-defaults.json"), load(f"speed-plain-{arm}-defaults.json")
         for size, timing in guided.get("timings", {}).items():
-            if size not in base_v1 or size not in arm_v1:
+            if size not in base_run.get("timings", {}) or size not in arm_run.get("timings", {}):
                 continue
-            t_base, t_arm = base_v1[size]["wall_s"], arm_v1[size]["wall_s"]
-            ideal = base_v1[size]["tokens_per_s"] / (1 + t_arm / t_base)
+            b, a = base_run["timings"][size], arm_run["timings"][size]
+            # Ideal: the guided step costs exactly one base step plus one ARM step.
+            ideal = b["tokens_per_s"] / (1 + a["wall_s"] / b["wall_s"])
             ratio = timing["tokens_per_s"] / ideal
-            ratios[f"{pair}/bs{size}"] = round(ratio, 3)
-            default = base_def.get(size, {}).get("tokens_per_s", float("nan"))
-            lines.append(f"| {pair} | {size} | {timing['tokens_per_s']:.0f} | {base_v1[size]['tokens_per_s']:.0f} | {default:.0f} | "
-                         f"{arm_v1[size]['tokens_per_s']:.0f} | {ideal:.0f} | {ratio:.2f} | {timing['tokens_per_s'] / default:.2f} |")
+            ratios[f"{pair}/bs{size}/{runner}"] = round(ratio, 3)
+            rows.append({"runner": guided.get("model_runner") or runner, "baseline_runner": base_run.get("model_runner"),
+                         "pair": pair, "batch": int(size), "guided_tokens_per_s": timing["tokens_per_s"],
+                         "base_tokens_per_s": b["tokens_per_s"], "arm_tokens_per_s": a["tokens_per_s"],
+                         "ideal_tokens_per_s": ideal, "guided_over_ideal": ratio,
+                         "guided_over_base": timing["tokens_per_s"] / b["tokens_per_s"]})
+            lines.append(f"| {rows[-1]['runner']} | {pair} | {size} | {timing['tokens_per_s']:.0f} | {b['tokens_per_s']:.0f} "
+                         f"({rows[-1]['baseline_runner']}) | {a['tokens_per_s']:.0f} | {ideal:.0f} | {ratio:.2f} | "
+                         f"{timing['tokens_per_s'] / b['tokens_per_s']:.2f} |")
     for key, value in ref.items():
         pair, size = key.split("/bs")
-        guided = load(f"speed-guided-{pair}.json").get("timings", {})
+        guided = load(f"speed-guided-{pair}-{RUNNERS[-1]}.json").get("timings", {})
         note = ""
         if size in guided:
             note = f" (guided vLLM at bs{size}: {guided[size]['tokens_per_s']:.0f} tok/s, {guided[size]['tokens_per_s'] / value['tokens_per_s']:.1f}x)"
@@ -454,6 +469,7 @@ def report(out: Path, command: str) -> dict[str, Any]:
         "zero_weight_matches_plain_vllm": bool(correct) and all(e.get("zero_weight_matches_plain_vllm") for e in correct.values()),
         "mixed_geometry_ok_gpu": bool(correct) and all("error" not in e for e in correct.values()),
         "ratio_to_ideal": ratios,
+        "speed": rows,
         "correctness": correct,
         "reference_decoder": ref,
         "device": device,
@@ -481,6 +497,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="speed: run only these job names")
     parser.add_argument("--families", nargs="*", default=["llama", "qwen2"], help="correctness: random families")
     parser.add_argument("--tp", type=int, default=1, help="correctness: tensor-parallel size")
+    parser.add_argument("--runner", choices=RUNNERS, help="correctness: the guided engine's model runner (default: the platform's)")
+    parser.add_argument("--runners", nargs="+", choices=RUNNERS, default=list(RUNNERS), help="speed: guided engine on each")
     parser.add_argument("--real-base", help="correctness: also a real base (HF folder) ...")
     parser.add_argument("--real-arm", nargs="*", default=[], help="... with these ARMs, NAME=PATH (adapters merged)")
     parser.add_argument("--smoke", action="store_true")
@@ -489,9 +507,9 @@ def main() -> None:
     os.environ.update(NO_MULTICAST)
     if args.phase == "correctness":
         real = (args.real_base, dict(a.split("=", 1) for a in args.real_arm)) if args.real_base else None
-        correctness(args.out, args.smoke, args.families, args.tp, real)
+        correctness(args.out, args.smoke, args.families, args.tp, real, args.runner)
     elif args.phase == "speed":
-        speed(args.out, args.pairs, args.smoke, args.only)
+        speed(args.out, args.pairs, args.smoke, args.only, args.runners)
     elif args.phase == "reference-speed":
         reference_speed(args.out, args.pairs, args.smoke)
     report(args.out, " ".join(["python -m bench.engine_gpu", *sys.argv[1:]]))

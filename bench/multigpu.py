@@ -56,9 +56,12 @@ def tp_run(setup: dict[str, Any], size: int, out: Path) -> None:
     run_child(job, out, timeout=1800)
 
 
-def dp_run(setup: dict[str, Any], size: int, out: Path, requests_count: int, new_tokens: int) -> None:
-    """genarm-serve -dp N under one burst of chat requests (mixed weights, sampled, ignore_eos):
-    status codes, tokens/s, per-replica completions, and the 429 limit the server derived."""
+def dp_run(setup: dict[str, Any], size: int, out: Path, requests_count: int, new_tokens: int, repeats: int = 2) -> None:
+    """genarm-serve -dp N under bursts of chat requests (mixed weights, sampled, ignore_eos):
+    status codes, tokens/s, per-replica completions, and the 429 limit the server derived.
+
+    One untimed warm-up burst first (every API server and replica meets its first requests), then
+    `repeats` timed bursts; tok/s is of the median burst."""
     import httpx
 
     sys.path.insert(0, str(ROOT))
@@ -74,67 +77,91 @@ def dp_run(setup: dict[str, Any], size: int, out: Path, requests_count: int, new
     startup = time.perf_counter() - started
     try:
         model = httpx.get(proc.url + "/v1/models", timeout=30).json()["data"][0]["id"]
-
-        async def burst() -> list[tuple[int, int, float]]:
-            limits = httpx.Limits(max_connections=requests_count + 8)
-            async with httpx.AsyncClient(base_url=proc.url, timeout=1200, limits=limits) as http:
-                rng = random.Random(size)
-
-                async def one(i: int) -> tuple[int, int, float]:
-                    body = {"model": model, "messages": [{"role": "user", "content": f"Request {i}: tell me something"}],
-                            "max_tokens": new_tokens, "ignore_eos": True, "temperature": 0.8,
-                            "alignment": {"weights": {d: rng.choice([0.0, 0.5, 1.0]) for d in setup["arms"]}}}
-                    sent = time.perf_counter()
-                    response = await http.post("/v1/chat/completions", json=body)
-                    latency = time.perf_counter() - sent
-                    tokens = response.json()["usage"]["completion_tokens"] if response.status_code == 200 else 0
-                    return response.status_code, tokens, latency
-
-                return await asyncio.gather(*(one(i) for i in range(requests_count)))
-
-        start = time.perf_counter()
-        results = asyncio.run(burst())
-        wall = time.perf_counter() - start
-        metrics = server_metrics(httpx.get(proc.url + "/metrics", timeout=30).text)
-        statuses = [s for s, _, _ in results]
-        tokens = sum(t for _, t, _ in results)
         max_running = int(setup["engine_args"]["max_num_seqs"])
+        asyncio.run(chat_burst(proc.url, model, list(setup["arms"]), max_running * size, 8, seed=-1))
+        before = server_counters(httpx.get(proc.url + "/metrics", timeout=30).text)
+        bursts = [asyncio.run(chat_burst(proc.url, model, list(setup["arms"]), requests_count, new_tokens, seed=size * 100 + r))
+                  for r in range(repeats)]
+        metrics = metrics_between(before, server_counters(httpx.get(proc.url + "/metrics", timeout=30).text))
+        median = sorted(bursts, key=lambda b: b["wall_s"])[len(bursts) // 2]
+        statuses = [s for burst in bursts for s, _, _ in burst.pop("results")]
         out.write_text(json.dumps({
-            "dp": size, "requests": requests_count, "new_tokens": new_tokens, "ok": statuses.count(200),
-            "status_429": statuses.count(429), "status_5xx": sum(s >= 500 for s in statuses),
+            "dp": size, "requests": requests_count, "new_tokens": new_tokens, "bursts": len(bursts),
+            "ok": statuses.count(200), "status_429": statuses.count(429),
+            "status_5xx": sum(s >= 500 for s in statuses),
             "other_status": sorted({s for s in statuses if s not in (200, 429) and s < 500}),
-            "wall_s": wall, "generated_tokens": tokens, "tokens_per_s": tokens / wall, "startup_s": startup,
-            # Where a request's time goes: as the client saw it, and inside the engines (vLLM's histograms).
-            "client_latency_mean_s": sum(lat for _, _, lat in results) / len(results),
+            "wall_s": median["wall_s"], "generated_tokens": median["tokens"], "tokens_per_s": median["tokens"] / median["wall_s"],
+            "burst_tokens_per_s": [b["tokens"] / b["wall_s"] for b in bursts], "startup_s": startup,
+            # Where a request's time goes: as the client saw it, and inside the engines (vLLM's
+            # histograms, over the timed bursts); the client's own CPU time shows
+            # whether the load generator kept up.
+            "client_latency_mean_s": median["latency_mean_s"], "client_cpu_s": median["client_cpu_s"],
             **metrics, "request_limit_expected": max_running * size + waiting,
         }))
     finally:
         proc.stop()
 
 
-def server_metrics(text: str) -> dict[str, Any]:
+async def chat_burst(url: str, model: str, dimensions: list[str], count: int, new_tokens: int, seed: int) -> dict[str, Any]:
+    """`count` chat requests at once; returns wall time, completion tokens, mean latency, the
+    client's CPU time and each request's (status, tokens, latency).
+
+    aiohttp, as vLLM's own serving benchmark: httpx's AsyncClient spent ~6 s of CPU on 512
+    concurrent requests on this project's CPU machine (aiohttp 0.25 s), which hid the server."""
+    import aiohttp
+
+    rng = random.Random(seed)
+    timeout = aiohttp.ClientTimeout(total=1200)
+    async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as http:
+
+        async def one(i: int) -> tuple[int, int, float]:
+            body = {"model": model, "messages": [{"role": "user", "content": f"Request {i}: tell me something"}],
+                    "max_tokens": new_tokens, "ignore_eos": True, "temperature": 0.8,
+                    "alignment": {"weights": {d: rng.choice([0.0, 0.5, 1.0]) for d in dimensions}}}
+            sent = time.perf_counter()
+            async with http.post("/v1/chat/completions", json=body) as response:
+                payload = await response.json(content_type=None)
+                latency = time.perf_counter() - sent
+                tokens = payload["usage"]["completion_tokens"] if response.status == 200 else 0
+                return response.status, tokens, latency
+
+        cpu, start = time.process_time(), time.perf_counter()
+        results = await asyncio.gather(*(one(i) for i in range(count)))
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"wall_s": wall, "tokens": sum(t for _, t, _ in results), "client_cpu_s": cpu,
+            "latency_mean_s": sum(lat for _, _, lat in results) / len(results), "results": results}
+
+
+def server_counters(text: str) -> dict[str, dict[str, float]]:
     """From /metrics (prometheus_client's parser): completions per replica, the 429 limit, and the
-    engines' mean time per request in each phase (queue, prefill, decode, end to end)."""
+    engines' summed time and request count per phase (queue, prefill, decode, end to end)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    per_replica: dict[str, float] = {}
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
-    limit = None
+    counters: dict[str, dict[str, float]] = {"replica": {}, "sum": {}, "count": {}, "limit": {}}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "vllm:request_success_total":
                 engine = sample.labels.get("engine", "0")
-                per_replica[engine] = per_replica.get(engine, 0.0) + sample.value
+                counters["replica"][engine] = counters["replica"].get(engine, 0.0) + sample.value
             elif sample.name == "genarm_request_limit":
-                limit = sample.value
+                counters["limit"]["value"] = sample.value
             for phase in ENGINE_PHASES:
-                if sample.name == f"vllm:{phase}_seconds_sum":
-                    sums[phase] = sums.get(phase, 0.0) + sample.value
-                elif sample.name == f"vllm:{phase}_seconds_count":
-                    counts[phase] = counts.get(phase, 0.0) + sample.value
-    means = {f"engine_{phase}_mean_s": sums[phase] / counts[phase] for phase in sums if counts.get(phase)}
-    return {"per_replica_completed": per_replica, "request_limit": limit, **means}
+                for kind in ("sum", "count"):
+                    if sample.name == f"vllm:{phase}_seconds_{kind}":
+                        counters[kind][phase] = counters[kind].get(phase, 0.0) + sample.value
+    return counters
+
+
+def metrics_between(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Completions per replica and the engines' mean time per request in each phase, counting only
+    what happened between the two readings (the timed bursts, not the warm-up)."""
+    def delta(kind: str, key: str) -> float:
+        return after[kind].get(key, 0.0) - before[kind].get(key, 0.0)
+
+    means = {f"engine_{phase}_mean_s": delta("sum", phase) / delta("count", phase)
+             for phase in ENGINE_PHASES if delta("count", phase) > 0}
+    return {"per_replica_completed": {k: delta("replica", k) for k in after["replica"]},
+            "request_limit": after["limit"].get("value"), **means}
 
 
 ENGINE_PHASES = ("request_queue_time", "request_prefill_time", "request_decode_time", "e2e_request_latency")
@@ -198,7 +225,8 @@ def report(out: Path, command: str) -> dict[str, Any]:
         for size, entry in sorted(dp.items()):
             ratio = f"{entry['tokens_per_s'] / dp[1]['tokens_per_s']:.2f}x" if 1 in dp else "-"
             replicas = ", ".join(f"{k}: {v:.0f}" for k, v in sorted(entry["per_replica_completed"].items()))
-            lines.append(f"| DP={size} | {entry['ok']}/{entry['requests']} | {entry['status_429']} | {entry['status_5xx']} | "
+            sent = entry["requests"] * entry.get("bursts", 1)
+            lines.append(f"| DP={size} | {entry['ok']}/{sent} | {entry['status_429']} | {entry['status_5xx']} | "
                          f"{entry['tokens_per_s']:.0f} | {ratio} | {replicas} | {entry['request_limit']:.0f} ({entry['request_limit_expected']}) | "
                          f"{latency_cell(entry)} |")
             result["dp"][f"dp{size}"] = entry

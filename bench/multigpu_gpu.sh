@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# The two-GPU run (nvidia-h200-x2): training throughput and DDP, engine correctness at TP=1/2,
-# guided-engine speed at TP=1/2, genarm-serve DP=1/2. Resumable across device calls (each under
-# 10 minutes): a finished phase leaves a marker in $RUN, and the benchmarks cache what they finished.
+# The two-GPU runs (nvidia-h200-x2) of issues 16 and 17: the guided engine on each model runner
+# (correctness and speed), training throughput and DDP, engine correctness at TP=1/2, guided-engine
+# speed at TP=1/2, genarm-serve DP=1/2. Resumable across device calls (each under 10 minutes): a
+# finished phase leaves a marker in $RUN, and the benchmarks cache what they finished.
+#
+#   bash bench/multigpu_gpu.sh PHASE ...                       # one after the other, on both GPUs
+#   bash bench/multigpu_gpu.sh lanes "P1 P2" "P3 P4" PHASE ...  # P1 P2 on GPU 0 while P3 P4 run
+#                                                               # on GPU 1, then PHASE ... on both
 #
 # Here, once (git-ignored carry folders; each call's carry + the tree must stay under 64 MiB):
 #   bash ../shared/device/prepare.sh; then re-split the wheel into 8 parts .vw0..7 (split -n 8) and
@@ -15,8 +20,10 @@
 #   (.whl: trl datasets multiprocess gguf peft, as bench/train_gpu.py says; .whl2: what vLLM 0.26's
 #    API server imports and .vdeps lacks: model-hosting-container-standards jmespath supervisor)
 #   carry .gg1 .gpu-data:   cp .gg1/* /root/st/ && mkdir -p /root/data && cp .gpu-data/* /root/data/
-#   carry .gg2:             cp .gg2/* /root/st/ && bash bench/multigpu_gpu.sh setup train
-#   then:                   bash bench/multigpu_gpu.sh correct1 correct2    (and: tp dp)
+#   carry .gg2:             cp .gg2/* /root/st/ && bash bench/multigpu_gpu.sh setup
+#   then (issue 16, then 17): bash bench/multigpu_gpu.sh lanes "speed16" "correct16 throughput"
+#                           bash bench/multigpu_gpu.sh correct16tp2 ddp dp
+#   (earlier, issue 17 alone: train correct1 correct2 tp dp)
 # Every call packs $RUN's results into $OUT/multigpu_run.tar.gz and prints the tables.
 set -uo pipefail
 RUN=${GENARM_MULTIGPU_RUN:-/root/mg}
@@ -41,13 +48,23 @@ verify_sha256(sys.argv[1], model.gguf_sha256, "joined GGUF")
 convert_gguf(sys.argv[1], sys.argv[2], source={"name": model.name, "licence": model.licence})
 EOF
 }
-train() {
-  CUDA_VISIBLE_DEVICES=0 python3 bench/train_gpu.py throughput --model "$SMOL" --batch 32 --max-length 1024 \
-    --warmup 5 --steps 20 --profile --out "$RUN/train" || return 1
+throughput() {  # one GPU: CUDA_VISIBLE_DEVICES from the caller (a lane), else GPU 0
+  CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} python3 bench/train_gpu.py throughput --model "$SMOL" --batch 32 \
+    --max-length 1024 --warmup 5 --steps 20 --profile --out "$RUN/train"
+}
+ddp() {
   python3 bench/train_gpu.py ddp --model "$SMOL" --train-data /root/data/positive_train.jsonl \
     --heldout-data /root/data/positive_heldout.jsonl --gpus 1 2 --epochs 1 --timeout-s 240 \
     --runs-dir "$RUN/work/ddp" --out "$RUN/train"
 }
+train() { throughput && ddp; }
+# Issue 16: the guided engine on each model runner (GENARM_RUNNER), against plain vLLM's defaults.
+speed16() { python3 -m bench.engine_gpu speed --pairs 8b+1b --runners v2 v1 --out "$RUN/engine16"; }
+correct16() {
+  python3 -m bench.engine_gpu correctness --runner v2 --families qwen2 llama --real-base "$SMOL" \
+    --real-arm positive=server/default_arms/positive --out "$RUN/engine16"
+}
+correct16tp2() { python3 -m bench.engine_gpu correctness --runner v2 --tp 2 --families qwen2 --out "$RUN/engine16"; }
 correct1() {
   python3 -m bench.engine_gpu correctness --tp 1 --families qwen2 --real-base "$SMOL" \
     --real-arm positive=server/default_arms/positive --out "$RUN/engine"
@@ -56,24 +73,46 @@ correct2() { python3 -m bench.engine_gpu correctness --tp 2 --families qwen2 --o
 tp() { python3 -m bench.multigpu tp --size 2 --models gpu-8b-1b --out "$RUN/engine"; }
 dp() { python3 -m bench.multigpu dp --size 2 --models gpu-8b-1b --requests 512 --new-tokens 128 --out "$RUN/engine"; }
 
-for phase in "$@"; do
-  [ -f "$RUN/done-$phase" ] && { echo "== $phase: done earlier"; continue; }
+run_phase() {  # $1: a phase; runs under what is left of this call's budget, leaves a marker when done
+  local phase=$1 left
+  [ -f "$RUN/done-$phase" ] && { echo "== $phase: done earlier"; return 0; }
   left=$((CALL_BUDGET_S - SECONDS))
-  [ "$left" -lt 60 ] && { echo "== $phase: not started (${left}s left in this call)"; continue; }
-  echo "== $phase ($(date +%T), ${left}s left in this call)"
-  export -f setup train correct1 correct2 tp dp
-  export RUN SMOL GGUF
-  if timeout -k 15 "$left" bash -c "$phase" 2>&1 | tee "$RUN/$phase.log"; then
+  [ "$left" -lt 60 ] && { echo "== $phase: not started (${left}s left in this call)"; return 1; }
+  echo "== $phase ($(date +%T), ${left}s left in this call, GPUs ${CUDA_VISIBLE_DEVICES:-all})"
+  if timeout -k 15 "$left" bash -c "$phase" > "$RUN/$phase.log" 2>&1; then
     touch "$RUN/done-$phase"
+    echo "== $phase: done ($(date +%T))"
   else
-    echo "== $phase: FAILED or cut at the call's budget (resumes next call)"
+    echo "== $phase: FAILED or cut at the call's budget (resumes next call); last lines:"
+    tail -5 "$RUN/$phase.log"
+    return 1
   fi
-done
+}
+export -f setup throughput ddp train speed16 correct16 correct16tp2 correct1 correct2 tp dp
+export RUN SMOL GGUF
+
+if [ "${1:-}" = "lanes" ]; then  # two single-GPU lanes side by side
+  ( export CUDA_VISIBLE_DEVICES=0; for p in $2; do run_phase "$p"; done ) &
+  ( export CUDA_VISIBLE_DEVICES=1; for p in $3; do run_phase "$p"; done ) &
+  wait
+  shift 3
+fi
+for phase in "$@"; do run_phase "$phase"; done
 python3 -m bench.multigpu report --out "$RUN/engine" > /dev/null 2>&1
+[ -d "$RUN/engine16" ] && python3 -m bench.engine_gpu report --out "$RUN/engine16" > "$RUN/engine16/report.txt" 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$RUN/machine.txt" 2>&1
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/multigpu_run.tar.gz" -C "$RUN" --exclude='*.gguf' --exclude=models --exclude=work \
     --exclude='checkpoint-*' --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' .
 fi
-cat "$RUN"/train/*.md "$RUN/engine/multigpu.md" 2>/dev/null
+cat "$RUN"/train/*.md "$RUN/engine/multigpu.md" "$RUN/engine16/report.txt" 2>/dev/null
+python3 - "$RUN/engine16/correctness.json" <<'EOF' 2>/dev/null
+import json, sys
+for key, e in json.load(open(sys.argv[1])).items():
+    if "error" in e:
+        print(key, "ERROR", e["error"].splitlines()[-1][:200]); continue
+    print(key, e["model_runner"], "zero==plain", e["zero_weight_sequences_equal_plain"], "guided gap/unit",
+          round(e["guided"]["max_gap_per_unit_weight"], 3), "plain gap", round(e["plain_vllm"]["max_gap_to_reference_best"], 3),
+          "PASS" if e["within_plain_deviation"] else "FAIL")
+EOF
 ls "$RUN"/done-* 2>/dev/null

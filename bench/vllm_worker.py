@@ -19,7 +19,7 @@ distinct prompt is prefilled once first when prefix caching is on, and a few tok
 untimed, so timings are of decoding with a warm prompt cache, the same for every task. Each task is
 one timed `LLM.generate` call; RESULT holds, per task, the samples (token ids, text, finish reason,
 and the sampled tokens' log-probs if asked), the wall time and the number of generated tokens, plus
-the engine's start-up time.
+the engine's start-up time and the model runner it chose ("v1" or "v2").
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ def main(job_path: str, result_path: str) -> None:
     started = time.monotonic()
     llm, config = make_engine(engine)
     startup = time.monotonic() - started
+    runner = model_runner(llm)
     tasks = job["tasks"]
     t0 = time.monotonic()
     if job.get("warmup", True) and tasks:
@@ -121,7 +122,15 @@ def main(job_path: str, result_path: str) -> None:
         results.append({"name": task["name"], "samples": samples, "wall_s": wall, "generated_tokens": tokens,
                         "tokens_per_s": tokens / wall if wall > 0 else None})
         print(f"[vllm_worker] {task['name']}: {tokens} tokens in {wall:.1f} s", flush=True)
-    Path(result_path).write_text(json.dumps({"startup_s": startup, "warmup_prefill_s": warmup, "tasks": results}))
+    Path(result_path).write_text(json.dumps({"startup_s": startup, "warmup_prefill_s": warmup, "model_runner": runner,
+                                             "tasks": results}))
+
+
+def model_runner(llm: Any) -> str:
+    """Which model runner the engine chose: "v2" (Model Runner V2) or "v1". The front end's config
+    decides it from the same environment as the engine's processes."""
+    config = llm.llm_engine.vllm_config
+    return "v2" if getattr(config, "use_v2_model_runner", False) else "v1"
 
 
 def prompts_of(task: dict[str, Any]) -> list[Any]:

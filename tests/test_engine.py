@@ -270,14 +270,15 @@ def test_weight_table_follows_added_removed_moved_and_swapped_rows(
     }
     params = {k: SamplingParams(extra_args=v) for k, v in rows.items()}
     processor.update_state(BatchUpdate(3, removed=[], added=[(0, params["a"], None, []), (1, params["b"], None, []), (2, params["c"], None, [])], moved=[]))
-    assert processor.rows.device_rows.tolist() == [[1, 0, 0], [0, 2, 0], [0, 0, 0.5]]
+    assert processor.rows.host_rows.tolist() == [[1, 0, 0], [0, 2, 0], [0, 0, 0.5]]
     processor.update_state(BatchUpdate(3, removed=[], added=[], moved=[(0, 2, MoveDirectionality.SWAP)]))
-    assert processor.rows.device_rows.tolist() == [[0, 0, 0.5], [0, 2, 0], [1, 0, 0]]
+    assert processor.rows.host_rows.tolist() == [[0, 0, 0.5], [0, 2, 0], [1, 0, 0]]
     processor.update_state(BatchUpdate(2, removed=[1], added=[], moved=[(2, 1, MoveDirectionality.UNIDIRECTIONAL)]))
-    assert processor.rows.device_rows.tolist() == [[0, 0, 0.5], [1, 0, 0]]
+    assert processor.rows.host_rows.tolist() == [[0, 0, 0.5], [1, 0, 0]]
     assert processor.rows.active_arms == [0, 2]
+    assert processor.rows.device_rows.tolist() == [[0, 0.5], [1, 0]]  # the active ARMs' columns only
     processor.update_state(BatchUpdate(2, removed=[0], added=[(0, SamplingParams(), None, [])], moved=[]))
-    assert processor.rows.device_rows.tolist() == [[0, 0, 0], [1, 0, 0]]  # no args: defaults (0)
+    assert processor.rows.host_rows.tolist() == [[0, 0, 0], [1, 0, 0]]  # no args: defaults (0)
     # The running engine still reads its own table: guided as asked, row by row.
     prompts = make_prompts(3, seed=4)
     weights = [{"harmless": 2.0}, {"helpful": 2.0}, {"honest": 0.5}]
@@ -291,7 +292,7 @@ def test_a_row_the_step_cannot_use_is_served_by_the_base_alone(llama_config: Gui
     bad = SamplingParams(extra_args={"genarm_weight_harmless": 99.0})  # outside the range: admission refuses it
     good = SamplingParams(extra_args=weights_extra_args(llama_config, {"helpful": 2.0}))
     processor.update_state(BatchUpdate(2, removed=[], added=[(0, bad, None, []), (1, good, None, [])], moved=[]))
-    assert processor.rows.device_rows.tolist() == [[0, 0, 0], [0, 2, 0]]  # the other request is untouched
+    assert processor.rows.host_rows.tolist() == [[0, 0, 0], [0, 2, 0]]  # the other request is untouched
     assert fallbacks()["invalid_weights"] == before["invalid_weights"] + 1
 
 
@@ -304,10 +305,10 @@ def test_fallbacks_to_the_base_alone_are_logged_once_and_counted(
         for _ in range(2):
             weights, active = step_weights("no-such-engine", 3, torch.device("cpu"))
             assert weights.shape == (3, 0) and active == []
-            weights, active = WeightRows(torch.ones(2, 3), [0, 1, 2]).for_rows(3)
-            assert torch.equal(weights, torch.zeros(3, 3)) and active == []
-        weights, active = WeightRows(torch.zeros(0, 3), []).for_rows(3)  # no request waits: a dummy run
-        assert torch.equal(weights, torch.zeros(3, 3)) and active == []
+            weights, active = WeightRows(np.ones((2, 3), np.float32), torch.ones(2, 3), [0, 1, 2]).for_rows(3)
+            assert torch.equal(weights, torch.zeros(3, 0)) and active == []
+        weights, active = WeightRows.empty(3, torch.device("cpu")).for_rows(3)  # no request waits: a dummy run
+        assert torch.equal(weights, torch.zeros(3, 0)) and active == []
     after = fallbacks()
     assert after["no_weight_table"] == before["no_weight_table"] + 2
     assert after["row_count_mismatch"] == before["row_count_mismatch"] + 2

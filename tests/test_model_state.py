@@ -67,10 +67,11 @@ def test_rows_follow_the_batch_order_through_slots() -> None:
     add(state, 2, new_request("a", {"harmless": 1.0}))
     add(state, 0, new_request("b", {"helpful": 2.0}))
     rows = state.publish(batch(state.slot_of, ["b", "a"]))
-    assert rows.device_rows.tolist() == [[0, 2, 0], [1, 0, 0]]
+    assert rows.host_rows.tolist() == [[0, 2, 0], [1, 0, 0]]
     assert rows.active_arms == [0, 1]
     weights, active = step_weights("engine-a", 2, CPU)  # what compute_logits reads
     assert weights is rows.device_rows and active == [0, 1]
+    assert weights.tolist() == [[0, 2], [1, 0]]  # only the active ARMs' columns reach the device
 
 
 def test_a_recycled_slot_is_overwritten_and_removal_clears_it() -> None:
@@ -80,7 +81,7 @@ def test_a_recycled_slot_is_overwritten_and_removal_clears_it() -> None:
     assert state.table.values[1].tolist() == [0, 0, 0] and "a" not in state.slot_of
     state.remove("a")  # a second removal (preempted, then finished) is harmless
     add(state, 1, new_request("c"))  # no weights named: the server's defaults
-    assert state.publish(batch(state.slot_of, ["c"])).device_rows.tolist() == [[0, 0.5, 0]]
+    assert state.publish(batch(state.slot_of, ["c"])).host_rows.tolist() == [[0, 0.5, 0]]
 
 
 def test_steady_decode_reuses_the_step_rows_and_a_change_renews_them() -> None:
@@ -90,17 +91,17 @@ def test_steady_decode_reuses_the_step_rows_and_a_change_renews_them() -> None:
     assert state.publish(batch(state.slot_of, ["a"])) is first  # no new tensor per step
     add(state, 3, new_request("b", {"harmless": 2.0}))
     second = state.publish(batch(state.slot_of, ["a", "b"]))
-    assert second is not first and second.device_rows.tolist() == [[1, 0, 0], [2, 0, 0]]
-    assert first.device_rows.tolist() == [[1, 0, 0]]  # a step still in flight keeps its rows
+    assert second is not first and second.device_rows.tolist() == [[1], [2]]
+    assert first.device_rows.tolist() == [[1]]  # a step still in flight keeps its rows
     swapped = state.publish(batch(state.slot_of, ["b", "a"]))
-    assert swapped.device_rows.tolist() == [[2, 0, 0], [1, 0, 0]]
+    assert swapped.device_rows.tolist() == [[2], [1]]
 
 
 def test_padding_rows_beyond_num_reqs_are_left_out() -> None:
     state = SlotWeights(SPEC, num_slots=4, instance_id="engine-d", device=CPU)
     add(state, 3, new_request("a", {"helpful": 1.0}))
     rows = state.publish(batch(state.slot_of, ["a"], pad_to=4))
-    assert rows.device_rows.tolist() == [[0, 1, 0]]
+    assert rows.host_rows.tolist() == [[0, 1, 0]] and rows.device_rows.tolist() == [[1]]
 
 
 def test_a_dummy_batch_runs_every_arm_at_weight_zero_for_any_row_count() -> None:
@@ -113,13 +114,24 @@ def test_a_dummy_batch_runs_every_arm_at_weight_zero_for_any_row_count() -> None
     assert fallbacks("row_count_mismatch") == before  # not a fallback: nobody waits on these rows
 
 
+def test_vllm_kernel_warm_up_is_a_dummy_step_though_its_requests_were_added() -> None:
+    state = SlotWeights(SPEC, num_slots=4, instance_id="engine-w", device=CPU)
+    add(state, 0, new_request("_warmup_0_", {"helpful": 1.0}))  # MRv2's warm-up adds real requests
+    add(state, 1, new_request("_warmup_1_"))
+    state.publish(batch(state.slot_of, ["_warmup_0_", "_warmup_1_"]))
+    before = fallbacks("row_count_mismatch")
+    weights, active = step_weights("engine-w", 6, CPU)  # its prompt logprobs: rows per prompt token
+    assert torch.equal(weights, torch.zeros(6, 3)) and active == [0, 1, 2]
+    assert fallbacks("row_count_mismatch") == before
+
+
 def test_a_real_step_with_another_row_count_gets_the_base_alone() -> None:
     state = SlotWeights(SPEC, num_slots=4, instance_id="engine-f", device=CPU)
     add(state, 0, new_request("a", {"helpful": 1.0}))
     state.publish(batch(state.slot_of, ["a"]))
     before = fallbacks("row_count_mismatch")
     weights, active = step_weights("engine-f", 5, CPU)  # e.g. prompt logprobs: rows per prompt token
-    assert torch.equal(weights, torch.zeros(5, 3)) and active == []
+    assert torch.equal(weights, torch.zeros(5, 0)) and active == []
     assert fallbacks("row_count_mismatch") == before + 1
 
 
@@ -131,7 +143,7 @@ def test_unusable_weights_are_served_by_the_base_alone_without_raising(monkeypat
     add(state, 1, new_request("unknown", raw={"genarm_weight_nope": 1.0}))
     add(state, 2, new_request("good", {"honest": 1.0}))
     rows = state.publish(batch(state.slot_of, ["bad", "unknown", "good"]))
-    assert rows.device_rows.tolist() == [[0, 0, 0], [0, 0, 0], [0, 0, 1]]
+    assert rows.host_rows.tolist() == [[0, 0, 0], [0, 0, 0], [0, 0, 1]]
     assert fallbacks("invalid_weights") == before + 2
 
 
@@ -151,7 +163,7 @@ def test_the_model_state_hooks_feed_the_slot_table(monkeypatch: pytest.MonkeyPat
     req_without_params = dataclasses.replace(new_request("b"), sampling_params=None)
     state.add_request(0, req_without_params)  # a pooling request: the defaults, no raise
     assert state.prepare_inputs(batch(state.weights.slot_of, ["a", "b"]), None) == {}
-    assert step_weights("engine-h", 2, CPU)[0].tolist() == [[-1, 0, 0], [0, 0.5, 0]]
+    assert step_weights("engine-h", 2, CPU)[0].tolist() == [[-1, 0], [0, 0.5]]
     state.remove_request("a")
     assert state.weights.slot_of == {"b": 0}
     assert calls == ["add a", "add b", "prepare", "remove a"]

@@ -130,7 +130,7 @@ class GenARMForCausalLM(nn.Module):
         return fused_logprobs(
             base_logits,
             arm_logits,
-            weights[:, active],
+            weights,  # [rows, len(active)]: the active ARMs' columns (server.vllm_glue.weights)
             self.vocab_size,
             out_width=base_logits.shape[-1],
             validate=False,  # checked at admission; an unusable row was set to 0 (WeightTable.set)

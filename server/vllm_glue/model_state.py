@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     from vllm.v1.worker.gpu.states import RequestState
 
 
+# Request ids of MRv2's kernel warm-up (vLLM 0.26 v1/worker/gpu/warmup.py); they hold whole batches.
+VLLM_WARMUP_PREFIXES = ("_warmup_", "_v2_mixed_warmup")
+
+
 class StepBatch(Protocol):
     """What the slot logic reads of MRv2's InputBatch (the same names)."""
 
@@ -70,8 +74,11 @@ class SlotWeights:
 
     def publish(self, batch: StepBatch) -> WeightRows:
         """Publish this step's rows (batch order) for compute_logits, and return them."""
-        if batch.num_reqs > 0 and batch.req_ids[0] not in self.slot_of:
-            # A dummy batch (profiling, warm-up, idle DP rank): its req_ids were never added.
+        first = batch.req_ids[0] if batch.num_reqs > 0 else None
+        if first is not None and (first not in self.slot_of or first.startswith(VLLM_WARMUP_PREFIXES)):
+            # A dummy batch (profiling, idle DP rank: its req_ids were never added) or vLLM's own
+            # kernel warm-up, whose requests ask for prompt logprobs (a second compute_logits call
+            # with one row per prompt token): every ARM at weight 0, for any row count.
             rows = WeightRows.dummy_step(self.num_arms, self.device)
         else:
             order = np.asarray(batch.idx_mapping_np[: batch.num_reqs], dtype=np.int64)

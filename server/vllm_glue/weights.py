@@ -42,26 +42,39 @@ _STEPS: dict[str, WeightRows] = {}
 
 
 class WeightRows:
-    """The weights of the rows of one step, as the model's compute_logits sees them."""
+    """The weights of the rows of one step, as the model's compute_logits sees them.
 
-    def __init__(self, device_rows: torch.Tensor, active_arms: list[int], any_row_count: bool = False) -> None:
-        self.device_rows = device_rows  # [batch, K] float32 on the model's device
+    `device_rows` holds only the active ARMs' columns, chosen on the host: indexing a device
+    tensor with a Python list in compute_logits would copy the index synchronously and stall the
+    step until the forward pass has finished."""
+
+    def __init__(self, host_rows: np.ndarray, device_rows: torch.Tensor, active_arms: list[int],
+                 any_row_count: bool = False) -> None:
+        self.host_rows = host_rows  # [batch, K] float32: every ARM's weight (what was published)
+        self.device_rows = device_rows  # [batch, len(active_arms)] float32 on the model's device
         self.active_arms = active_arms  # ARMs with a non-zero weight in some row
         # A dummy (profiling) step of MRv2: every row count is this step's, weights all 0.
         self.any_row_count = any_row_count
 
     @classmethod
+    def empty(cls, num_arms: int, device: torch.device) -> WeightRows:
+        """No rows: a step without requests (dummy and warm-up runs) guides nothing."""
+        return cls(np.zeros((0, num_arms), np.float32), torch.zeros((0, 0), device=device), [])
+
+    @classmethod
     def dummy_step(cls, num_arms: int, device: torch.device) -> WeightRows:
         """Every ARM at weight 0, whatever the row count: a profiling run then includes the ARMs'
         logits in the memory peak (their weight 0 leaves the base's logprobs as they are)."""
-        return cls(torch.zeros((0, num_arms), device=device), list(range(num_arms)), any_row_count=True)
+        return cls(np.zeros((0, num_arms), np.float32), torch.zeros((0, num_arms), device=device),
+                   list(range(num_arms)), any_row_count=True)
 
     def for_rows(self, num_rows: int) -> tuple[torch.Tensor, list[int]]:
+        """Weights [num_rows, len(active)] and the active ARMs, for a step of `num_rows` rows."""
         rows = self.device_rows
         if rows.shape[0] == num_rows:
             return rows, self.active_arms
         if self.any_row_count:
-            return rows.new_zeros((num_rows, rows.shape[1])), self.active_arms
+            return rows.new_zeros((num_rows, len(self.active_arms))), self.active_arms
         if rows.shape[0] > 0:  # requests are waiting on these rows: they get the base alone
             report_fallback(
                 "row_count_mismatch",
@@ -69,7 +82,7 @@ class WeightRows:
                 "this step is served by the base model alone",
             )
         # Without requests (dummy and warm-up runs) there is nothing to guide.
-        return rows.new_zeros((num_rows, rows.shape[1])), []
+        return rows.new_zeros((num_rows, 0)), []
 
 
 def publish_step(instance_id: str, rows: WeightRows) -> None:
@@ -111,17 +124,16 @@ class WeightTable:
         self.values[index] = 0.0
 
     def gather(self, order: np.ndarray | slice, device: torch.device, pin: bool) -> WeightRows:
-        """The rows of `order` (a step's batch order) as a fresh device tensor. Never written in
-        place, so a step still in flight on the device keeps reading the rows it was launched with
-        (asynchronous scheduling); a pinned source keeps its block until its copy has run."""
-        current = self.values[order]
-        rows = torch.from_numpy(np.array(current, copy=True))
+        """The rows of `order` (a step's batch order), their active ARMs' columns as a fresh device
+        tensor. Never written in place, so a step still in flight on the device keeps reading the
+        rows it was launched with (asynchronous scheduling); a pinned source keeps its block until
+        its copy has run."""
+        current = np.array(self.values[order], copy=True)
+        active = [int(k) for k in np.flatnonzero((current != 0).any(axis=0))]
+        rows = torch.from_numpy(np.ascontiguousarray(current[:, active]))
         if pin:
             rows = rows.pin_memory()
-        return WeightRows(
-            rows.to(device, non_blocking=pin),
-            [int(k) for k in np.flatnonzero((current != 0).any(axis=0))],
-        )
+        return WeightRows(current, rows.to(device, non_blocking=pin), active)
 
 
 class GenARMWeights(LogitsProcessor):
@@ -153,7 +165,7 @@ class GenARMWeights(LogitsProcessor):
         self.instance_id = vllm_config.instance_id
         self.weights = WeightTable(self.spec, vllm_config.scheduler_config.max_num_seqs) if self.spec else None
         self.batch_size = 0
-        self.rows = WeightRows(torch.zeros((0, num_arms), device=device), [])
+        self.rows = WeightRows.empty(num_arms, device)
         if self.spec is not None:
             publish_step(self.instance_id, self.rows)
 
