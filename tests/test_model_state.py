@@ -172,12 +172,14 @@ def test_the_model_state_hooks_feed_the_slot_table(monkeypatch: pytest.MonkeyPat
 def test_runner_choice(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv(runner.RUNNER_ENV, raising=False)
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
-    assert runner.choose_runner() == "v1"  # the default everywhere for now
-    monkeypatch.setenv(runner.RUNNER_ENV, "v1")
+    chosen, why = runner.choose_runner()  # this CPU build: V1, and the line says why
+    assert chosen == "v1" and "CUDA" in why
     monkeypatch.setattr(runner, "_announced", set())
     assert runner.prepare_environment() == "v1"
-    assert "guided engine on V1 runner" in capsys.readouterr().err  # the start-up line
+    assert "guided engine on V1 runner, weights in a V1 logits processor (default; not Model Runner V2: " in capsys.readouterr().err
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    monkeypatch.setenv(runner.RUNNER_ENV, "v1")
+    assert runner.choose_runner() == ("v1", "GENARM_RUNNER=v1")
     monkeypatch.setenv(runner.RUNNER_ENV, "v2")  # this CPU build has no Triton: refused, with why
     with pytest.raises(SetupError, match="GENARM_RUNNER=v2: .*CUDA"):
         runner.choose_runner()
@@ -190,6 +192,21 @@ def test_runner_choice(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFi
         runner.choose_runner()
     assert runner.weights_processors(SPEC, "v2") == []  # MRv2 0.26: any processor sends it back to V1
     assert len(runner.weights_processors(SPEC, "v1")) == 1
+
+
+def test_default_runner_where_mrv2_can_run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv(runner.RUNNER_ENV, raising=False)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")  # restored after the test (prepare_environment sets it)
+    monkeypatch.setattr(runner, "mrv2_unavailable", lambda: None)  # as on a CUDA machine with Triton
+    assert runner.choose_runner() == ("v2", "default on CUDA")
+    chosen, why = runner.choose_runner(tensor_parallel_size=2)  # not yet run at TP > 1 on a GPU
+    assert chosen == "v1" and "tensor_parallel_size > 1" in why
+    monkeypatch.setenv(runner.RUNNER_ENV, "v2")
+    assert runner.choose_runner(tensor_parallel_size=2) == ("v2", "GENARM_RUNNER=v2")  # asked for: honoured
+    monkeypatch.setattr(runner, "_announced", set())
+    assert runner.prepare_environment() == "v2"
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
+    assert "guided engine on Model Runner V2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("body", [{"prompt_logprobs": 1}, {"echo": True, "logprobs": 2}])

@@ -8,8 +8,10 @@ place that knows which runner runs (docs/design/mrv2.md, sections 3 and 5).
   (server.vllm_glue.model_state), with no logits processor (vLLM 0.26 sends any custom processor
   back to V1), so the V1 runner's per-step wait for token ids is gone.
 
-Default: V1 everywhere, CUDA included, for now: the MRv2 path is not yet verified on a GPU (issue
-16). `GENARM_RUNNER=v2` selects MRv2 where it can run; `GENARM_RUNNER=v1` forces V1.
+Default: Model Runner V2 on CUDA at tensor_parallel_size 1 (verified on an H200 with vLLM 0.26:
+docs/design/mrv2.md, "Measured"); V1 elsewhere: the CPU build, and TP > 1, which has not yet run on
+MRv2 on a GPU. `GENARM_RUNNER=v2` or `=v1` overrides the default; the start-up line says which
+runner runs and why.
 """
 
 from __future__ import annotations
@@ -44,34 +46,39 @@ def mrv2_unavailable() -> str | None:
     return None
 
 
-def choose_runner() -> Runner:
-    """The runner for this process's guided engines: GENARM_RUNNER if set, else V1 (see above)."""
+def choose_runner(tensor_parallel_size: int = 1) -> tuple[Runner, str]:
+    """The runner for this process's guided engines, and why: GENARM_RUNNER if set, else the
+    default above."""
     asked = os.environ.get(RUNNER_ENV, "").strip().lower()
     if asked not in ("", "v1", "v2"):
         raise SetupError(f"{RUNNER_ENV}={asked!r}: use v1 or v2")
     vllm_value = os.environ.get(_VLLM_ENV)
     if not asked and vllm_value is not None and vllm_value.strip().lower() in ("1", "true", "yes"):
         raise SetupError(f"{_VLLM_ENV}=1: choose the guided engine's runner with {RUNNER_ENV}=v2 instead")
-    if asked == "v2":
-        why_not = mrv2_unavailable()
+    if asked:
+        why_not = mrv2_unavailable() if asked == "v2" else None
         if why_not is not None:
             raise SetupError(f"{RUNNER_ENV}=v2: {why_not}")
-        return "v2"
-    # Default v1, also on CUDA: the MRv2 path is unverified on a GPU so far (issue 16).
-    return "v1"
+        return asked, f"{RUNNER_ENV}={asked}"  # type: ignore[return-value]
+    why_not = mrv2_unavailable()
+    if why_not is None and tensor_parallel_size > 1:
+        why_not = "the MRv2 path has not yet run at tensor_parallel_size > 1 on a GPU"
+    if why_not is not None:
+        return "v1", f"default; not Model Runner V2: {why_not}"
+    return "v2", "default on CUDA"
 
 
-def prepare_environment() -> Runner:
+def prepare_environment(tensor_parallel_size: int = 1) -> Runner:
     """Choose the runner, tell vLLM (explicitly, so an unsupported feature raises instead of
-    silently falling back), and say which in one start-up line."""
-    runner = choose_runner()
+    silently falling back to a runner without the weights), and say which in one start-up line."""
+    runner, why = choose_runner(tensor_parallel_size)
     os.environ[_VLLM_ENV] = "1" if runner == "v2" else "0"
     if runner not in _announced:
         _announced.add(runner)
         how = "Model Runner V2, weights in its model state" if runner == "v2" else "V1 runner, weights in a V1 logits processor"
         # stderr, not a logger: vLLM >= 0.32 configures its log handlers only later (from the CLI
         # arguments), and an INFO line logged before that is dropped.
-        print(f"genarm: guided engine on {how} ({RUNNER_ENV}={runner})", file=sys.stderr, flush=True)
+        print(f"genarm: guided engine on {how} ({why})", file=sys.stderr, flush=True)
     return runner
 
 
