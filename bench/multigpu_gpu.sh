@@ -21,8 +21,9 @@
 #    API server imports and .vdeps lacks: model-hosting-container-standards jmespath supervisor)
 #   carry .gg1 .gpu-data:   cp .gg1/* /root/st/ && mkdir -p /root/data && cp .gpu-data/* /root/data/
 #   carry .gg2:             cp .gg2/* /root/st/ && bash bench/multigpu_gpu.sh setup
-#   then (issue 16, then 17): bash bench/multigpu_gpu.sh lanes "speed16" "correct16 throughput"
-#                           bash bench/multigpu_gpu.sh correct16tp2 ddp dp
+#   then, as run on 2026-11-30: bash bench/multigpu_gpu.sh lanes "speed16" "correct16 throughput"
+#                           bash bench/multigpu_gpu.sh lanes "correct16z" "correct1z"
+#   next: bash bench/multigpu_gpu.sh correct16tp2 correct16z ddp dp   (~12 minutes)
 #   (earlier, issue 17 alone: train correct1 correct2 tp dp)
 # Every call packs $RUN's results into $OUT/multigpu_run.tar.gz and prints the tables.
 set -uo pipefail

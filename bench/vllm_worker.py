@@ -126,6 +126,13 @@ def main(job_path: str, result_path: str) -> None:
                                              **machine(), "tasks": results}))
 
 
+def model_runner(llm: Any) -> str:
+    """Which model runner the engine chose: "v2" (Model Runner V2) or "v1". The front end's config
+    decides it from the same environment as the engine's processes."""
+    config = llm.llm_engine.vllm_config
+    return "v2" if getattr(config, "use_v2_model_runner", False) else "v1"
+
+
 def machine() -> dict[str, str]:
     """The device and vLLM version this engine ran on."""
     from importlib.metadata import PackageNotFoundError, version

@@ -121,7 +121,9 @@ class GenARMForCausalLM(nn.Module):
         return out
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        parts = torch.split(hidden_states, self.hidden_sizes, dim=-1)
+        # Contiguous, as a plain engine's LM-head input is: a column slice of the concatenation has
+        # another leading dimension, for which the GEMM may pick another kernel (other bf16 sums).
+        parts = [part.contiguous() for part in torch.split(hidden_states, self.hidden_sizes, dim=-1)]
         base_logits = self.base.compute_logits(parts[0])
         if base_logits is None:  # a tensor-parallel rank that does not hold the logits
             return None
