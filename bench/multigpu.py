@@ -61,7 +61,7 @@ def dp_run(setup: dict[str, Any], size: int, out: Path, requests_count: int, new
     status codes, tokens/s, per-replica completions, and the 429 limit the server derived.
 
     One untimed warm-up burst first (every API server and replica meets its first requests), then
-    `repeats` timed bursts; tok/s is of the median burst."""
+    `repeats` timed bursts; tok/s is of the median burst (of two: the slower)."""
     import httpx
 
     sys.path.insert(0, str(ROOT))
@@ -93,8 +93,7 @@ def dp_run(setup: dict[str, Any], size: int, out: Path, requests_count: int, new
             "wall_s": median["wall_s"], "generated_tokens": median["tokens"], "tokens_per_s": median["tokens"] / median["wall_s"],
             "burst_tokens_per_s": [b["tokens"] / b["wall_s"] for b in bursts], "startup_s": startup,
             # Where a request's time goes: as the client saw it, and inside the engines (vLLM's
-            # histograms, over the timed bursts); the client's own CPU time shows
-            # whether the load generator kept up.
+            # histograms, over the timed bursts); the client's CPU time shows whether it kept up.
             "client_latency_mean_s": median["latency_mean_s"], "client_cpu_s": median["client_cpu_s"],
             **metrics, "request_limit_expected": max_running * size + waiting,
         }))
