@@ -179,6 +179,10 @@ def dpo_config(cfg: TrainConfig, checkpoint_dir: Path, n_train: int, has_eval: b
         per_device_eval_batch_size=cfg.eval_batch_size,
         gradient_accumulation_steps=cfg.accumulation_steps(world_size),
         gradient_checkpointing=cfg.gradient_checkpointing,
+        # Every trainable parameter (LoRA or full) takes part in every step's loss, so DDP need not
+        # walk the autograd graph for unused ones after each backward (transformers turns that
+        # search on for a PEFT model); a CPU-bound step of a small ARM pays for that walk.
+        ddp_find_unused_parameters=False,
         bf16=bf16,
         fp16=False,
         seed=cfg.seed,

@@ -272,6 +272,22 @@ def test_batches_are_padded_to_a_multiple_of_64(tiny_family, tokenizer, tmp_path
         assert batch["input_ids"].shape[1] == -(-longest // 64) * 64, (longest, batch["input_ids"].shape)
 
 
+def test_every_trainable_parameter_gets_a_gradient_so_ddp_skips_the_unused_search(tiny_family, tokenizer, tmp_path) -> None:
+    """DDP is told that no parameter goes unused (no autograd-graph walk per step): true, as here."""
+    from rm_training.trainer import build_trainer
+
+    data = prepare_data(str(HH), tokenizer, max_length=100, max_prompt_length=50, max_records=24, heldout_fraction=0)
+    for mode in ("lora", "full"):
+        cfg = tiny_config(tiny_family["llama-base"], HH, tmp_path, max_steps=1, batch_size=4, per_device_batch_size=4,
+                          max_length=100, max_prompt_length=50, mode=mode).resolve()
+        trainer = build_trainer(cfg, data.train_dataset(), None, tokenizer, tmp_path / f"checkpoints-{mode}")
+        assert trainer.args.ddp_find_unused_parameters is False
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.compute_loss(trainer.model, batch).backward()
+        trainable = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+        assert trainable and not [n for n, p in trainable if p.grad is None]
+
+
 # ----------------------------------------------------------------------------- learning, export
 
 
