@@ -447,15 +447,17 @@ def report(out: Path, command: str) -> dict[str, Any]:
                          f"{timing['tokens_per_s'] / b['tokens_per_s']:.2f} |")
     for key, value in ref.items():
         pair, size = key.split("/bs")
-        guided = load(f"speed-guided-{pair}-{RUNNERS[-1]}.json").get("timings", {})
+        runs = sorted(out.glob(f"speed-guided-{pair}-*.json"))
+        guided = json.loads(runs[-1].read_text()).get("timings", {}) if runs else {}
         note = ""
         if size in guided:
             note = f" (guided vLLM at bs{size}: {guided[size]['tokens_per_s']:.0f} tok/s, {guided[size]['tokens_per_s'] / value['tokens_per_s']:.1f}x)"
         lines.append(f"| {pair} | {size} | reference decoder (transformers, KV cache): {value['tokens_per_s']:.0f} tok/s{note} | | | | | | |")
     # The machine that ran the engines (the report may run elsewhere): recorded by each job.
-    machines = {(r.get("device"), r.get("vllm")) for r in map(json.loads, map(Path.read_text, out.glob("*.json")))
-                if isinstance(r, dict) and "job" in r and r.get("device")}
-    device, vllm_version = sorted(machines)[0] if len(machines) == 1 else ("; ".join(map(str, sorted(machines))) or "unknown", None)
+    jobs = [json.loads(path.read_text()) for path in out.glob("*.json")]
+    machines = sorted({(job["device"], job["vllm"]) for job in jobs if "job" in job and job.get("device")})
+    device = "; ".join(d for d, _ in machines) or "unknown"
+    vllm_version = "; ".join(v for _, v in machines) or None
     result = {
         "correctness_criterion": CRITERION,
         "within_plain_deviation": bool(correct) and all(e.get("within_plain_deviation") for e in correct.values()),
