@@ -1,7 +1,8 @@
 """Guided engine on the GPU machine: correctness against the reference, and speed vs plain vLLM.
 
     python -m bench.engine_gpu correctness --out DIR      # bf16, teacher-forced vs fp32 reference
-        [--families llama qwen2] [--tp N] [--runner v1|v2] [--real-base HF_FOLDER --real-arm NAME=PATH ...]
+        [--families llama qwen2] [--arm-roles same other] [--tp N] [--runner v1|v2] [--plain-twice]
+        [--real-base HF_FOLDER --real-arm NAME=PATH ...]
     python -m bench.engine_gpu speed --pairs 1b+1b 8b+1b [--runners v1 v2] --out DIR
     python -m bench.engine_gpu reference-speed --pairs 1b+1b 8b+1b --out DIR
     python -m bench.engine_gpu report --out DIR           # engine.json + engine.md from DIR
@@ -160,7 +161,7 @@ def run_child(job: dict[str, Any], out_file: Path, timeout: int = 900) -> dict[s
     try:
         # vLLM's own process layout on the GPU (the worker's default is one in-process engine).
         done = run_engine_job(worker_job, out_file.parent / "jobs", out_file.stem, timeout=timeout,
-                              env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1", **runner_env(job.get("runner"))})
+                              env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1", **runner_env(job.get("runner")), **job.get("env", {})})
     except (RuntimeError, subprocess.TimeoutExpired) as err:
         tail = "\n".join(str(err).strip().splitlines()[-15:])
         result = {"job": job, "error": tail}
@@ -229,9 +230,11 @@ def prompt_set(tokenizer: Any, count: int, rng: Any, max_len: int = 400) -> list
 
 def check_pair(label: str, base: str, arms: dict[str, str], out: Path, smoke: bool, tp: int = 1,
                count: int = 48, max_tokens: int = 64, weight_choices: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0),
-               runner: str | None = None) -> dict[str, Any]:
+               runner: str | None = None, plain_twice: bool = False) -> dict[str, Any]:
     """The engine correctness criterion for one base + ARMs at tensor-parallel size `tp`, on the
-    guided engine's model `runner` (None: the platform's default).
+    guided engine's model `runner` (None: the platform's default). `plain_twice`: also a second
+    plain engine compiled afresh (its own compile cache), to show how far plain vLLM reproduces
+    itself: the floor under "zero weights == plain vLLM".
 
     Greedy, bf16: the guided engine with mixed per-request weights, the guided engine with zero
     weights, and plain vLLM (same runner and attention backend), same prompts; every generated
@@ -268,6 +271,13 @@ def check_pair(label: str, base: str, arms: dict[str, str], out: Path, smoke: bo
         entry["error"] = guided.get("error") or plain.get("error")
         return entry
     zero, plain_out = guided["outputs"]["zero"], plain["outputs"]["plain"]
+    if plain_twice:
+        again = run_child(common | dict(name=f"{label}-tp{tp}-plain-again", baseline=True, weight_sets={"plain": None},
+                                        env={"VLLM_CACHE_ROOT": str((out / "jobs" / f"{label}-tp{tp}-fresh-cache").resolve())}),
+                          out / f"correct-{label}-tp{tp}-plain-again.json")
+        if "outputs" in again:
+            equal = sum(a["token_ids"] == b["token_ids"] for a, b in zip(again["outputs"]["plain"], plain_out, strict=True))
+            entry["plain_recompiled_sequences_equal_plain"] = f"{equal}/{len(plain_out)}"
     same = [a["token_ids"] == b["token_ids"] for a, b in zip(zero, plain_out, strict=True)]
     entry["zero_weight_sequences_equal_plain"] = f"{sum(same)}/{len(same)}"
     entry["zero_weight_matches_plain_vllm"] = all(same)
@@ -287,9 +297,11 @@ def check_pair(label: str, base: str, arms: dict[str, str], out: Path, smoke: bo
 
 
 def correctness(out: Path, smoke: bool, families: list[str], tp: int = 1,
-                real_pair: tuple[str, dict[str, str]] | None = None, runner: str | None = None) -> dict[str, Any]:
+                real_pair: tuple[str, dict[str, str]] | None = None, runner: str | None = None,
+                arm_roles: tuple[str, ...] = ("same", "other"), plain_twice: bool = False) -> dict[str, Any]:
     """check_pair on each random mixed-geometry family (and on a real base + ARM if given), at `tp`,
-    on `runner`; results merged into out/correctness.json under "<family>[-<runner>]/tp<N>"."""
+    on `runner`; results merged into out/correctness.json under "<family>[<roles>][-<runner>]/tp<N>".
+    `arm_roles`: which of a family's ARMs guide (the same geometry as the base, another, or both)."""
     summary_file = out / "correctness.json"
     summary: dict[str, Any] = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     models_root = Path(os.environ.get("GENARM_BENCH_MODELS", "/tmp/genarm-bench-models"))
@@ -301,13 +313,14 @@ def correctness(out: Path, smoke: bool, families: list[str], tp: int = 1,
         pairs.append(("real", base, resolve_arms(base, arms)))
     for arch in families:
         paths = correctness_family(arch, models_root, smoke)
-        pairs.append((arch, str(paths["base"]), {"same": str(paths["arm-same"]), "other": str(paths["arm-other"])}))
+        label = arch if set(arm_roles) == {"same", "other"} else f"{arch}[{'+'.join(arm_roles)}]"
+        pairs.append((label, str(paths["base"]), {role: str(paths[f"arm-{role}"]) for role in arm_roles}))
     for label, base, arms in pairs:
         label = f"{label}-{runner}" if runner else label
         key = f"{label}/tp{tp}"
         if key in summary and "error" not in summary[key]:
             continue  # resumable across device calls
-        summary[key] = check_pair(label, base, arms, out, smoke, tp=tp, runner=runner)
+        summary[key] = check_pair(label, base, arms, out, smoke, tp=tp, runner=runner, plain_twice=plain_twice)
         summary_file.write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -494,6 +507,10 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1, help="correctness: tensor-parallel size")
     parser.add_argument("--runner", choices=RUNNERS, help="correctness: the guided engine's model runner (default: the platform's)")
     parser.add_argument("--runners", nargs="+", choices=RUNNERS, default=list(RUNNERS), help="speed: guided engine on each")
+    parser.add_argument("--arm-roles", nargs="+", choices=["same", "other"], default=["same", "other"],
+                        help="correctness: which of a family's ARMs guide (same geometry as the base, other, both)")
+    parser.add_argument("--plain-twice", action="store_true",
+                        help="correctness: a second plain engine, freshly compiled: how far plain vLLM reproduces itself")
     parser.add_argument("--real-base", help="correctness: also a real base (HF folder) ...")
     parser.add_argument("--real-arm", nargs="*", default=[], help="... with these ARMs, NAME=PATH (adapters merged)")
     parser.add_argument("--smoke", action="store_true")
@@ -502,7 +519,7 @@ def main() -> None:
     os.environ.update(NO_MULTICAST)
     if args.phase == "correctness":
         real = (args.real_base, dict(a.split("=", 1) for a in args.real_arm)) if args.real_base else None
-        correctness(args.out, args.smoke, args.families, args.tp, real, args.runner)
+        correctness(args.out, args.smoke, args.families, args.tp, real, args.runner, tuple(args.arm_roles), args.plain_twice)
     elif args.phase == "speed":
         speed(args.out, args.pairs, args.smoke, args.only, args.runners)
     elif args.phase == "reference-speed":

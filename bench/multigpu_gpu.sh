@@ -23,7 +23,7 @@
 #   carry .gg2:             cp .gg2/* /root/st/ && bash bench/multigpu_gpu.sh setup
 #   then, as run on 2026-11-30: bash bench/multigpu_gpu.sh lanes "speed16" "correct16 throughput"
 #                           bash bench/multigpu_gpu.sh lanes "correct16z" "correct1z"
-#   next: bash bench/multigpu_gpu.sh correct16tp2 correct16z ddp dp   (~12 minutes)
+#   next: bash bench/multigpu_gpu.sh lanes "zero16" "correct16z" correct16tp2 ddp dp   (~15 minutes)
 #   (earlier, issue 17 alone: train correct1 correct2 tp dp)
 # Every call packs $RUN's results into $OUT/multigpu_run.tar.gz and prints the tables.
 set -uo pipefail
@@ -74,6 +74,10 @@ correct1z() {  # the same on v1
   python3 -m bench.engine_gpu correctness --runner v1 --families qwen2 --real-base "$SMOL" \
     --real-arm positive=server/default_arms/positive --out "$RUN/engine16z1"
 }
+zero16() {  # where zero weights part from plain vLLM: same-geometry ARM only, and plain vLLM recompiled
+  python3 -m bench.engine_gpu correctness --runner v2 --families qwen2 --arm-roles same --plain-twice --out "$RUN/engine16s" &&
+  python3 -m bench.engine_gpu correctness --runner v2 --families qwen2 --plain-twice --out "$RUN/engine16s"
+}
 correct16tp2() { python3 -m bench.engine_gpu correctness --runner v2 --tp 2 --families qwen2 --out "$RUN/engine16"; }
 correct1() {
   python3 -m bench.engine_gpu correctness --tp 1 --families qwen2 --real-base "$SMOL" \
@@ -98,7 +102,7 @@ run_phase() {  # $1: a phase; runs under what is left of this call's budget, lea
     return 1
   fi
 }
-export -f setup throughput ddp train speed16 correct16 correct16z correct1z correct16tp2 correct1 correct2 tp dp
+export -f setup throughput ddp train speed16 correct16 correct16z correct1z zero16 correct16tp2 correct1 correct2 tp dp
 export RUN SMOL GGUF
 
 if [ "${1:-}" = "lanes" ]; then  # two single-GPU lanes side by side
