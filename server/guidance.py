@@ -14,6 +14,10 @@ from typing import Any
 from server.fusion import WeightError, validate_weight_value
 
 WEIGHT_ARG_PREFIX = "genarm_weight_"  # SamplingParams.extra_args / vllm_xargs key per dimension
+# Refused by the HTTP layer on every runner and by the V1 processor at admission.
+PROMPT_LOGPROBS_UNSUPPORTED = (
+    "prompt_logprobs is not supported with GenARM guidance (logprobs of generated tokens are)"
+)
 
 
 @dataclass

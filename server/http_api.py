@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.fusion import WeightError
-from server.guidance import GuidanceSpec
+from server.guidance import PROMPT_LOGPROBS_UNSUPPORTED, GuidanceSpec
 from server.metrics import DIMENSION_REQUESTS, INFLIGHT, REJECTED, REQUEST_LIMIT, REQUESTS, WEIGHTS
 
 Scope = MutableMapping[str, Any]
@@ -109,10 +109,7 @@ def refuse_unsupported(body: dict[str, Any]) -> None:
     if body.get("echo") and body.get("logprobs") is not None:  # vLLM turns this into prompt logprobs
         prompt_logprobs = True
     if prompt_logprobs:
-        raise RequestError(
-            "prompt_logprobs is not supported with GenARM guidance (logprobs of generated tokens are)",
-            "prompt_logprobs",
-        )
+        raise RequestError(PROMPT_LOGPROBS_UNSUPPORTED, "prompt_logprobs")
 
 
 def _requested_weights(alignment: object) -> dict[str, object] | None:

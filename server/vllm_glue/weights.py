@@ -6,6 +6,7 @@ uses (`step_weights`), and the V1 logits processor that fills it on vLLM's V1 ru
 - Each step's writer publishes a `WeightRows` (rows in the step's batch order) under the engine's
   `VllmConfig.instance_id`; `compute_logits` reads it with `step_weights`.
 
+The V1 logits processor:
 - Admission: the engine is configured with `weights_processor(spec)`, a processor class bound to
   the engine's own spec, so `validate_params` (a classmethod, run in the API server process)
   refuses a bad weight with the range and dimensions of the engine it goes to (HTTP 400).
@@ -28,7 +29,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from server.fusion import WeightError, validate_weight_value
-from server.guidance import WEIGHT_ARG_PREFIX, GuidanceSpec
+from server.guidance import PROMPT_LOGPROBS_UNSUPPORTED, WEIGHT_ARG_PREFIX, GuidanceSpec
 from server.metrics import report_fallback
 from server.vllm_glue.spec import engine_spec
 
@@ -144,10 +145,7 @@ class GenARMWeights(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         if getattr(sampling_params, "prompt_logprobs", None) is not None:
-            raise ValueError(
-                "prompt_logprobs is not supported with GenARM guidance (logprobs of generated "
-                "tokens are)"
-            )
+            raise ValueError(PROMPT_LOGPROBS_UNSUPPORTED)
         extra_args = getattr(sampling_params, "extra_args", None)
         if cls.admission_spec is not None:  # raises WeightError (a ValueError): HTTP 400
             cls.admission_spec.row_from_extra_args(extra_args)
