@@ -91,7 +91,7 @@ def guided_engine_args(
     model.validate()
     args = dict(engine_args or {})
     # First: a runner that cannot run is a start-up error.
-    runner = prepare_guided_runtime(int(args.get("tensor_parallel_size") or 1))
+    runner = prepare_guided_runtime()
     for key, what in UNSUPPORTED_ENGINE_ARGS.items():
         value = args.get(key)
         if value not in (None, False, 1, {}):
@@ -132,14 +132,14 @@ def guided_engine_args(
     return args, setup
 
 
-def prepare_guided_runtime(tensor_parallel_size: int = 1) -> Runner:
+def prepare_guided_runtime() -> Runner:
     """This process runs engines on the guided engine's model runner, with its model and attention
     backend registered (also for a plain base-alone baseline on the same runner and backend).
     Returns the runner ("v1" or "v2", server.vllm_glue.runner)."""
     from server.vllm_glue.plugin import register
     from server.vllm_glue.runner import prepare_environment
 
-    runner = prepare_environment(tensor_parallel_size)
+    runner = prepare_environment()
     register()
     return runner
 
@@ -150,7 +150,7 @@ def baseline_engine_args(engine_args: Mapping[str, Any] | None = None) -> dict[s
     from server.vllm_glue.attention import attention_backend_args, user_chose_attention_backend
 
     args = dict(engine_args or {})
-    prepare_guided_runtime(int(args.get("tensor_parallel_size") or 1))
+    prepare_guided_runtime()
     if not user_chose_attention_backend(args):
         args.update(attention_backend_args())
     return args

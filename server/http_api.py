@@ -17,11 +17,11 @@ weights' echo or the capacity limit: they are refused with 404 and left out of /
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from server.admission import Admission, admission_for
 from server.fusion import WeightError
 from server.guidance import PROMPT_LOGPROBS_UNSUPPORTED, GuidanceSpec
 from server.metrics import DIMENSION_REQUESTS, INFLIGHT, REJECTED, REQUEST_LIMIT, REQUESTS, WEIGHTS
@@ -42,19 +42,14 @@ class HttpSettings:
     server.vllm_glue.endpoint); until then requests pass through untouched."""
 
     spec: GuidanceSpec | None = None
-    max_inflight: int | None = None  # requests admitted at once by this API server process
+    admission: Admission | None = None  # requests in flight against the server's limit
 
-    def serve(self, spec: GuidanceSpec, max_inflight: int) -> None:
-        self.spec, self.max_inflight = spec, max_inflight
-        REQUEST_LIMIT.set(max_inflight)
+    def serve(self, spec: GuidanceSpec, server_limit: int, api_servers: int = 1) -> None:
+        """`server_limit`: what the engines run plus the queue allowed, for the whole server."""
+        self.spec, self.admission = spec, admission_for(server_limit, api_servers)
+        REQUEST_LIMIT.set(server_limit)
         for name in spec.dimensions:  # every series exists from the start, at 0
             DIMENSION_REQUESTS.labels(dimension=name)
-
-
-def request_limit(max_running: int, max_waiting: int, api_servers: int = 1) -> int:
-    """Requests one API server process admits at once: its share of what the engine runs
-    (max_num_seqs x data-parallel engines, as the engine resolved them) plus the queue allowed."""
-    return math.ceil((max_running + max_waiting) / max(1, api_servers))
 
 
 def route_path(scope: Scope) -> str:
@@ -102,12 +97,15 @@ def resolve_weights(body: dict[str, Any], spec: GuidanceSpec) -> dict[str, float
     return spec.as_mapping(row)
 
 
-def refuse_unsupported(body: dict[str, Any]) -> None:
+def refuse_unsupported(body: dict[str, Any], path: str = "/v1/completions") -> None:
     """Options the guided engine cannot serve, refused here: on Model Runner V2 (vLLM 0.26) no
     engine hook refuses them (on V1 the weights processor does too)."""
     prompt_logprobs = body.get("prompt_logprobs") is not None
-    if body.get("echo") and body.get("logprobs") is not None:  # vLLM turns this into prompt logprobs
-        prompt_logprobs = True
+    if body.get("echo"):  # vLLM turns echo into prompt logprobs of `logprobs` / `top_logprobs`
+        if path == "/v1/chat/completions":
+            prompt_logprobs |= body.get("top_logprobs", 0) is not None  # vLLM's default: 0
+        else:
+            prompt_logprobs |= body.get("logprobs") is not None
     if prompt_logprobs:
         raise RequestError(PROMPT_LOGPROBS_UNSUPPORTED, "prompt_logprobs")
 
@@ -239,7 +237,6 @@ class AlignmentMiddleware:
     def __init__(self, app: Callable[..., Awaitable[None]], settings: HttpSettings) -> None:
         self.app = app
         self.settings = settings
-        self.inflight = 0
 
     @property
     def spec(self) -> GuidanceSpec | None:
@@ -282,7 +279,7 @@ class AlignmentMiddleware:
             await self.app(scope, replay(raw, receive), send)
             return
         try:
-            refuse_unsupported(body)
+            refuse_unsupported(body, route_path(scope))
         except RequestError as err:
             REJECTED.labels(reason="unsupported_option").inc()
             await send_json(send, 400, error_body(400, str(err), err.param))
@@ -293,12 +290,12 @@ class AlignmentMiddleware:
             REJECTED.labels(reason="bad_alignment").inc()
             await send_json(send, 400, error_body(400, str(err), err.param))
             return
-        limit = self.settings.max_inflight
-        if limit is not None and self.inflight >= limit:
+        admission = self.settings.admission
+        if admission is not None and not admission.try_enter():
             REJECTED.labels(reason="queue_full").inc()
             await send_json(
                 send, 429,
-                error_body(429, f"the server is at capacity ({limit} requests in flight); retry shortly"),
+                error_body(429, f"the server is at capacity ({admission.limit} requests in flight); retry shortly"),
                 [(b"retry-after", b"1")],
             )
             return
@@ -312,12 +309,12 @@ class AlignmentMiddleware:
         def add_echo(data: dict[str, Any]) -> None:
             data["alignment"] = echo
 
-        self.inflight += 1
         INFLIGHT.inc()
         try:
             await self.app(scope, replay(json.dumps(body).encode(), receive), JsonResponseEditor(send, add_echo))
         finally:
-            self.inflight -= 1
+            if admission is not None:
+                admission.leave()
             INFLIGHT.dec()
 
 

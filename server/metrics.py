@@ -16,11 +16,12 @@ WEIGHTS = Histogram(
     buckets=(-1.0, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
 )
 REJECTED = Counter("genarm_rejected_requests", "Requests refused, by reason", ["reason"])
-# livesum: with several API server processes, the server's total.
+# With several API server processes: the in-flight requests of all (livesum); the limit is the
+# server's, which every process sets alike (livemax).
 INFLIGHT = Gauge("genarm_inflight_requests", "Generation requests being served or queued", multiprocess_mode="livesum")
 REQUEST_LIMIT = Gauge(
-    "genarm_request_limit", "Generation requests admitted at once (served plus queued) before HTTP 429",
-    multiprocess_mode="livesum",
+    "genarm_request_limit", "Generation requests the server admits at once (served plus queued) before HTTP 429",
+    multiprocess_mode="livemax",
 )
 FALLBACKS = Counter(
     "genarm_guidance_fallbacks",

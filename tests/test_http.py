@@ -172,12 +172,16 @@ def test_bad_weights_through_vllm_xargs_are_refused_too(server: ServerProcess) -
     assert ok.status_code == 200 and ok.json()["alignment"] == {"weights": {"harmless": 2.0, "helpful": 0.0}}
 
 
-@pytest.mark.parametrize("extra", [{"prompt_logprobs": 1}, {"echo": True, "logprobs": 1}])
-def test_prompt_logprobs_get_400_before_the_engine(server: ServerProcess, extra: dict) -> None:
+@pytest.mark.parametrize("path, extra", [
+    ("/v1/completions", {"prompt_logprobs": 1}), ("/v1/completions", {"echo": True, "logprobs": 1}),
+    ("/v1/chat/completions", {"echo": True}),  # vLLM asks for prompt logprobs of top_logprobs (0)
+])
+def test_prompt_logprobs_get_400_before_the_engine(server: ServerProcess, path: str, extra: dict) -> None:
     """Refused by the HTTP layer: on Model Runner V2 (vLLM 0.26) no engine hook would refuse them."""
     rejected = metric(server, "genarm_rejected_requests_total", 'reason="unsupported_option"')
-    body = {"model": "tiny-guided", "prompt": "Hi", "max_tokens": 2, **extra}
-    response = httpx.post(server.url + "/v1/completions", json=body, headers=AUTH, timeout=60)
+    prompt = {"messages": [{"role": "user", "content": "Hi"}]} if "chat" in path else {"prompt": "Hi"}
+    body = {"model": "tiny-guided", **prompt, "max_tokens": 2, **extra}
+    response = httpx.post(server.url + path, json=body, headers=AUTH, timeout=60)
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt_logprobs", response.text
     assert metric(server, "genarm_rejected_requests_total", 'reason="unsupported_option"') == rejected + 1
 
@@ -331,11 +335,12 @@ def test_schemathesis_on_the_endpoints_we_change(server: ServerProcess) -> None:
 @pytest.fixture(scope="module")
 def small_server(tiny_family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """No --max-num-seqs: vLLM resolves it, and never above --max-num-batched-tokens (4 here).
-    Behind a path-based proxy (--root-path): clients may call with or without the prefix."""
+    Behind a path-based proxy (--root-path): clients may call with or without the prefix. Two API
+    server processes (as `-dp 2` makes), which share one request limit."""
     args = [
         "--base", str(tiny_family["llama-base"]), "--arm", f"harmless={tiny_family['llama-arm-narrow']}",
         "--dtype", "float32", "--max-model-len", "256", "--max-num-batched-tokens", "4",
-        "--max-waiting-requests", "1", "--root-path", "/api",
+        "--max-waiting-requests", "1", "--root-path", "/api", "--api-server-count", "2",
     ]
     proc = ServerProcess(args, tmp_path_factory.mktemp("small-server") / "server.log")
     yield proc
@@ -344,7 +349,8 @@ def small_server(tiny_family: dict[str, Path], tmp_path_factory: pytest.TempPath
 
 def test_request_limit_follows_what_the_engine_resolved(server: ServerProcess, small_server: ServerProcess) -> None:
     assert metric(server, "genarm_request_limit") == 8 + 400  # --max-num-seqs 8, --max-waiting-requests 400
-    assert metric(small_server, "genarm_request_limit") == 4 + 1  # max_num_seqs resolved to 4
+    # max_num_seqs resolved to 4; the server's limit, not each API server process's share
+    assert metric(small_server, "genarm_request_limit") == 4 + 1
 
 
 def test_backpressure_answers_429_with_retry_after(tiny_family: dict[str, Path], small_server: ServerProcess) -> None:
@@ -357,7 +363,9 @@ def test_backpressure_answers_429_with_retry_after(tiny_family: dict[str, Path],
 
     responses = asyncio.run(burst())
     statuses = sorted(r.status_code for r in responses)
-    assert statuses.count(200) >= 2 and statuses.count(429) >= 1 and set(statuses) <= {200, 429}
+    # 4 running + 1 waiting, counted across both API server processes however the kernel spread
+    # the 8 connections over them (each 200-token request outlasts the burst's arrival).
+    assert statuses.count(200) == 5 and statuses.count(429) == 3, statuses
     refused = next(r for r in responses if r.status_code == 429)
     assert refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == 429

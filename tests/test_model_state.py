@@ -190,7 +190,7 @@ def test_runner_choice(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFi
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(SetupError, match="GENARM_RUNNER=v2"):
         runner.choose_runner()
-    assert runner.weights_processors(SPEC, "v2") == []  # MRv2 0.26: any processor sends it back to V1
+    assert runner.weights_processors(SPEC, "v2") == []  # MRv2: 0.26 takes no custom processor, >= 0.31 no V1-style one
     assert len(runner.weights_processors(SPEC, "v1")) == 1
 
 
@@ -199,10 +199,9 @@ def test_default_runner_where_mrv2_can_run(monkeypatch: pytest.MonkeyPatch, caps
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")  # restored after the test (prepare_environment sets it)
     monkeypatch.setattr(runner, "mrv2_unavailable", lambda: None)  # as on a CUDA machine with Triton
     assert runner.choose_runner() == ("v2", "default on CUDA")
-    chosen, why = runner.choose_runner(tensor_parallel_size=2)  # not yet run at TP > 1 on a GPU
-    assert chosen == "v1" and "tensor_parallel_size > 1" in why
-    monkeypatch.setenv(runner.RUNNER_ENV, "v2")
-    assert runner.choose_runner(tensor_parallel_size=2) == ("v2", "GENARM_RUNNER=v2")  # asked for: honoured
+    monkeypatch.setenv(runner.RUNNER_ENV, "v1")
+    assert runner.choose_runner() == ("v1", "GENARM_RUNNER=v1")  # asked for: honoured where v2 could run
+    monkeypatch.delenv(runner.RUNNER_ENV)
     monkeypatch.setattr(runner, "_announced", set())
     assert runner.prepare_environment() == "v2"
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
@@ -214,3 +213,6 @@ def test_http_refuses_prompt_logprobs_on_every_runner(body: dict) -> None:
     with pytest.raises(RequestError, match="prompt_logprobs"):
         refuse_unsupported(body)
     refuse_unsupported({"echo": True, "logprobs": None, "prompt_logprobs": None})  # allowed
+    with pytest.raises(RequestError, match="prompt_logprobs"):  # chat: echo alone asks for them
+        refuse_unsupported({"echo": True}, "/v1/chat/completions")
+    refuse_unsupported({"echo": True, "top_logprobs": None}, "/v1/chat/completions")  # allowed

@@ -54,9 +54,8 @@ class GenARMEndpointPlugin:
 
     async def init_state(self, engine_client: EngineClient | None, state: State, args: Namespace) -> None:
         """Serve with the engine's own spec, and admit what it runs (max_num_seqs per
-        data-parallel engine, as vLLM resolved them) plus the queue genarm-serve allows."""
-        from server.http_api import request_limit
-
+        data-parallel engine, as vLLM resolved them) plus the queue genarm-serve allows, counted
+        across all API server processes (server.admission)."""
         if engine_client is None:  # vLLM's render-only server: no engine, nothing to guide
             return
         config = engine_client.vllm_config
@@ -70,4 +69,4 @@ class GenARMEndpointPlugin:
         engines = parallel.data_parallel_size_local if parallel.local_engines_only else parallel.data_parallel_size
         running = config.scheduler_config.max_num_seqs * max(1, engines)
         waiting = int(os.environ.get(MAX_WAITING_ENV) or DEFAULT_MAX_WAITING)
-        self.settings.serve(spec, request_limit(running, waiting, getattr(args, "api_server_count", None) or 1))
+        self.settings.serve(spec, running + waiting, getattr(args, "api_server_count", None) or 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -9,6 +10,7 @@ import tempfile
 from argparse import Namespace
 from typing import TYPE_CHECKING, Any
 
+from server.admission import ADMISSION_FILE_ENV, create_admission_file
 from server.vllm_glue.endpoint import MAX_WAITING_ENV
 
 if TYPE_CHECKING:
@@ -43,13 +45,24 @@ def share_metrics_across_processes() -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir.name
 
 
+def share_admission_across_processes() -> None:
+    """One count of the requests in flight for every API server process (server.admission): a
+    fresh counter file, named to the processes vLLM spawns through their environment."""
+    path = create_admission_file()
+    atexit.register(path.unlink, missing_ok=True)
+    os.environ[ADMISSION_FILE_ENV] = str(path)
+
+
 def _vllm_server_parser() -> FlexibleArgumentParser:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    try:  # vLLM >= 0.30
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    except ImportError:  # vLLM 0.26
-        from vllm.entrypoints.openai.cli_args import make_arg_parser
+    try:  # vLLM >= 0.33
+        from vllm.entrypoints.common.cli_args import make_arg_parser
+    except ImportError:
+        try:  # vLLM 0.30 - 0.32
+            from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        except ImportError:  # vLLM 0.26
+            from vllm.entrypoints.openai.cli_args import make_arg_parser
     return make_arg_parser(FlexibleArgumentParser(prog="genarm-serve"))
 
 
@@ -70,6 +83,7 @@ def _engine_choices(args: Namespace, argv: list[str]) -> dict[str, Any]:
 def run_openai_server(serve_config: ServeConfig) -> None:
     """Start vLLM's OpenAI server on the guided model; blocks until the server stops."""
     share_metrics_across_processes()
+    share_admission_across_processes()
     from vllm.entrypoints.cli.serve import ServeSubcommand
 
     from server.engine import guided_engine_args

@@ -34,8 +34,9 @@ if TYPE_CHECKING:
     from vllm.v1.worker.gpu.states import RequestState
 
 
-# Request ids of MRv2's kernel warm-up (vLLM 0.26 v1/worker/gpu/warmup.py); they hold whole batches.
-VLLM_WARMUP_PREFIXES = ("_warmup_", "_v2_mixed_warmup")
+# Request ids of MRv2's kernel warm-up (v1/worker/gpu/warmup.py); they hold whole batches. The last
+# two are vLLM 0.33's model-specific warm-ups, which our model never runs: listed so it never matters.
+VLLM_WARMUP_PREFIXES = ("_warmup_", "_v2_mixed_warmup", "_sparse_mla_v2_warmup", "_step5_dsa_warmup")
 
 
 class StepBatch(Protocol):

