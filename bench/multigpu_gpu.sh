@@ -23,7 +23,9 @@
 #   carry .gg2:             cp .gg2/* /root/st/ && bash bench/multigpu_gpu.sh setup
 #   then, as run on 2026-11-30: bash bench/multigpu_gpu.sh lanes "speed16" "correct16 throughput"
 #                           bash bench/multigpu_gpu.sh lanes "correct16z" "correct1z"
-#   next: bash bench/multigpu_gpu.sh lanes "zero16" "correct16z" correct16tp2 ddp dp   (~15 minutes)
+#   then (third stretch): bash bench/multigpu_gpu.sh ddp dp correct16tp2     (~10 minutes)
+#                         bash bench/multigpu_gpu.sh lanes "correct16z" "zero16"
+#   (the 12 staging calls took ~2 minutes; every result stretch by stretch: bench/results/multigpu_gpu.md)
 #   (earlier, issue 17 alone: train correct1 correct2 tp dp)
 # Every call packs $RUN's results into $OUT/multigpu_run.tar.gz and prints the tables.
 set -uo pipefail

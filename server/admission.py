@@ -84,7 +84,7 @@ class SharedAdmission(Admission):
 
 
 def create_admission_file(directory: str | None = None) -> Path:
-    """A fresh counter file at zero (the launcher's; removed with the launcher's temp files)."""
+    """A fresh counter file at zero (the launcher creates it and removes it at exit)."""
     fd, name = tempfile.mkstemp(prefix="genarm-admission-", dir=directory)
     os.write(fd, _COUNT.pack(0))
     os.close(fd)
