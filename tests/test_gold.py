@@ -130,6 +130,10 @@ def test_w2s_roles_signed_weights_and_recovery(w2s: dict) -> None:
     results = w2s["results"]
     assert results["arms"]["weak"]["model"].endswith("qwen2-arm")  # the weak ARM is trained from the weak model
     assert results["arms"]["strong"]["model"].endswith("qwen2-base")
+    hh = results["hh_arms"]  # issue 14 item 5: HH-RLHF harmless ARMs at both sizes, trained and scored
+    assert hh["strong"]["model"].endswith("qwen2-base") and hh["weak"]["model"].endswith("qwen2-arm")
+    assert all(0 <= a["heldout_accuracy"] <= 1 and a["heldout_pairs"] > 0 for a in hh.values())
+    assert "HH-RLHF harmless ARMs" in (w2s["out"] / "results.md").read_text()
     proxy = [r for r in results["methods"] if r.get("engine") == "proxy"]
     assert proxy and all(r["weights"]["anti"] == -r["weights"]["expert"] for r in proxy)
     cfg = results["setup"]

@@ -434,7 +434,7 @@ class Experiment:
                 write_json(slim_dir / name, slim(read_json(self.path(name))))
         with tarfile.open(out / "gold_work.tar.gz", "w:gz") as tar:
             for name in ("config.json", "prompts.json", "pairs.json", "arms.json", "dpo.json", "bow.json",
-                         "teacher.json", "environment.json", "stages_done.json"):
+                         "hh_arms.json", "teacher.json", "environment.json", "stages_done.json"):
                 if self.path(name).is_file():
                     tar.add(self.path(name), arcname=name)
             for file in sorted(slim_dir.glob("*.json")):

@@ -39,6 +39,7 @@ import dataclasses
 import functools
 import json
 import math
+import shutil
 import sys
 import tarfile
 import time
@@ -69,6 +70,10 @@ class W2SConfig(GoldConfig):
     best_of: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
     dpo_betas: list[float] = field(default_factory=lambda: [0.1])  # the first one is the expert
     proxy_alphas: list[float] = field(default_factory=lambda: [1.0])  # expert +alpha, anti-expert -alpha
+    # Issue 14 item 5, the HH-RLHF harmless ARMs: genarm-train's official LoRA recipe (TrainConfig's
+    # defaults) as bench/train_gpu.py ran it on SmolLM2-135M, at the bigger sizes this run stages.
+    hh_settings: dict[str, Any] = field(default_factory=lambda: {"per_device_batch_size": 16, "batch_size": 32,
+                                                                 "epochs": 1.0, "save_steps": 100000})
     workdir: str = "/tmp/genarm-w2s"
 
 
@@ -76,9 +81,11 @@ def w2s_smoke_config(tiny: dict[str, Path], workdir: Path) -> W2SConfig:
     """The gold smoke's sizes on the tiny Qwen2 pair: a wider base, a narrower weak model, one tokenizer."""
     gold = smoke_config(tiny, workdir)
     shared = {f.name: getattr(gold, f.name) for f in dataclasses.fields(GoldConfig)}
+    hh = {"max_records": 120, "max_steps": 4, "batch_size": 8, "per_device_batch_size": 4, "max_length": 256,
+          "max_prompt_length": 128, "eval_steps": 2, "save_steps": 100000, "heldout_fraction": 0.2}
     return W2SConfig(**{**shared, "name": "w2s-smoke", "base": str(tiny["qwen2-base"]), "weak": str(tiny["qwen2-arm"]),
                         "dimensions": ["positive"], "arm_ablations": [], "genarm_weights": [1.0, 4.0],
-                        "best_of": [2, 4], "proxy_alphas": [1.0]})
+                        "best_of": [2, 4], "proxy_alphas": [1.0], "hh_settings": hh})
 
 
 def weights_per_token(folder: str | Path) -> int:
@@ -99,11 +106,11 @@ def weights_per_token(folder: str | Path) -> int:
 class WeakToStrong(Experiment):
     config_class = W2SConfig
     gpu_stages = ["prompts", "sample", "pairs", "arm_strong", "arm_weak", "dpo",
-                  "genarm_weak", "genarm_strong", "genarm_proxy", "teacher"]
+                  "genarm_weak", "genarm_strong", "genarm_proxy", "teacher", "hh_strong", "hh_weak"]
     # One stage per ARM and per engine, so a 10-minute device call never ends inside a long one.
     stage_estimate_s = {"prompts": 15, "sample": 150, "pairs": 30, "arm_strong": 240, "arm_weak": 150,
                         "dpo": 150, "genarm_weak": 100, "genarm_strong": 110, "genarm_proxy": 110,
-                        "teacher": 180, "score": 90, "report": 30}
+                        "teacher": 180, "hh_strong": 240, "hh_weak": 120, "score": 90, "report": 30}
     cfg: W2SConfig
 
     @staticmethod
@@ -164,6 +171,40 @@ class WeakToStrong(Experiment):
 
     def stage_arm_weak(self) -> None:
         self._arm("weak", self.weak_path)
+
+    # ------------------------------------------------------------------ HH-RLHF harmless ARMs (item 5)
+    def _hh_arm(self, role: str, model: str) -> None:
+        """An ARM on the bundled HH-RLHF harmless pairs (the GenARM paper's data, genarm-train's own
+        held-out split): SmolLM2-135M learned nothing there (bench/train_gpu.py run: 0.567 -> 0.558);
+        does a 0.5B or a 1.5B ARM?"""
+        from rm_training.config import TrainConfig
+        from rm_training.pipeline import train_arm
+
+        out = self.path(f"hh/{role}")
+        if out.exists():
+            shutil.rmtree(out)
+        tc = TrainConfig(model=model, data="builtin:hh-rlhf", dimension="harmless", out=str(out), mode="lora",
+                         merge=False, progress=False, command="python -m bench.gold.weak_to_strong (stage hh)",
+                         **self.cfg.hh_settings)
+        started = time.monotonic()
+        result = train_arm(tc)
+        evals = [e["eval_accuracy"] for e in result.log_history if "eval_accuracy" in e]
+        file = self.path("hh_arms.json")
+        done = read_json(file) if file.is_file() else {}
+        done[role] = {"model": model, "settings": self.cfg.hh_settings, "recipe": "genarm-train LoRA defaults",
+                      "heldout_accuracy_untrained": evals[0] if evals else None,
+                      "heldout_accuracy": result.metrics.get("heldout_accuracy"),
+                      "heldout_margin": result.metrics.get("heldout_margin"),
+                      "train_pairs": result.data_report["split"]["train_pairs"],
+                      "heldout_pairs": result.metrics.get("heldout_pairs"), "train_s": time.monotonic() - started}
+        write_json(file, done)
+        log(f"hh {role}: held-out accuracy {done[role]['heldout_accuracy_untrained']} -> {done[role]['heldout_accuracy']}")
+
+    def stage_hh_strong(self) -> None:
+        self._hh_arm("strong", self.base_path)
+
+    def stage_hh_weak(self) -> None:
+        self._hh_arm("weak", self.weak_path)
 
     # ------------------------------------------------------------------ guided engines: one stage each
     def engine_spec(self, engine: str) -> tuple[dict[str, str], list[tuple[str, dict[str, float]]]]:
@@ -422,6 +463,14 @@ def markdown(results: dict[str, Any]) -> str:
     for beta, d in (results["dpo"] or {}).items():
         lines.append(f"| {Path(setup['weak']).name} | DPO expert, beta={beta} | - | - | {d['pairs']} | "
                      f"{fmt(d['train_s'], '.0f')} |")
+    if results.get("hh_arms"):
+        lines += ["", "## HH-RLHF harmless ARMs (the paper's data; genarm-train's LoRA recipe and held-out split)", "",
+                  "SmolLM2-135M with the same recipe: 0.567 untrained -> 0.558 trained (bench/train_gpu.py run).", "",
+                  "| model | untrained | trained | held-out margin | train pairs | held-out pairs | train s |",
+                  "|---|---|---|---|---|---|---|"]
+        for a in results["hh_arms"].values():
+            lines.append(f"| {Path(a['model']).name} | {fmt(a['heldout_accuracy_untrained'])} | {fmt(a['heldout_accuracy'])} | "
+                         f"{fmt(a['heldout_margin'])} | {a['train_pairs']} | {a['heldout_pairs']} | {fmt(a['train_s'], '.0f')} |")
     lines += ["", "## Gold vs KL (held-out prompts, T=1, ± one SE over prompts)", "",
               "| method | setting | gold | KL | relevance | distinct-2 | guard | tokens/s | x base time "
               "| forwards/token |",
@@ -468,6 +517,7 @@ def write_report(exp: WeakToStrong, out: Path) -> dict[str, Any]:
                   "out_of_vocab_samples": table.teacher["out_of_vocab_samples"]},
         "arms": read(exp.work, "arms.json"),
         "dpo": read(exp.work, "dpo.json"),
+        "hh_arms": read(exp.work, "hh_arms.json"),
         "methods": rows,
         "recovery": table.recovery(),
         "engine_check": {"zero": zero, "by_task": checks, "max_p99": max(c["p99"] for c in checks.values())},
