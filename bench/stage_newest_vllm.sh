@@ -4,7 +4,7 @@
 # .v3300 .. .v33NN (wheel parts and small wheels, each folder <= 37,000,000 bytes) and .v33z (install.sh +
 # manifest.sha256), using the download cache ${VLLM033_WHEEL_CACHE:-/tmp/vllm033-wheels}.
 #
-# Wheels: 57 files, 2,696,695,325 bytes in all (MANIFEST below: file, bytes, sha256). Beyond the image
+# Wheels: 60 files, 2,696,972,022 bytes in all (MANIFEST below: file, bytes, sha256). Beyond the image
 # (torch 2.11.0+cu130, triton 3.6.0, CUDA 13.0 libs): vllm 0.33.0, torch 2.14.0 (+cu130 build on PyPI),
 # triton 3.8.0 (torch 2.14 pins ~=3.8.0), the CUDA libs whose pins changed from torch 2.11 (nvidia-cublas
 # 13.1.0.3->13.1.1.3, nvidia-cudnn-cu13 9.19.0.56->9.24.0.43, nvidia-cusparselt-cu13 0.8.0->0.8.1,
@@ -43,7 +43,9 @@
 # torchao, ...) may fail to import under torch 2.14; vLLM imports these only inside try/optional paths.
 # Packages left out on purpose (not on the plain text-generation import path; image versions unknown):
 # tilelang, quack-kernels, tokenspeed-mla, humming-kernels, instanttensor, numba==0.65 (ngram spec decode),
-# mcp, anthropic, orjson, opentelemetry, mistral_common, torchaudio, torchcodec, PyNvVideoCodec, nvtx.
+# mcp, anthropic, opentelemetry, mistral_common, torchaudio, torchcodec, PyNvVideoCodec, nvtx. (The serve path
+# imports orjson and model_hosting_container_standards, which imports jmespath: brought, found by an import
+# smoke test of 0.33 on the CPU machine.)
 # vLLM 0.33 floors the image may not meet: huggingface_hub>=1.31, tokenizers>=0.23.2, requests>=2.33,
 # aiohttp>=3.14.4, pillow>=13 (not brought; add here if an import fails).
 set -euo pipefail
@@ -71,12 +73,14 @@ h11-0.16.0-py3-none-any.whl 37515 63cf8bbe7522de3bf65932fda1d9c2772064ffb3dae62d
 ijson-3.6.0-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.manylinux_2_28_x86_64.whl 150188 c14d568d31a322e8ed7e9735f6e355608a23cc6ff4b5da843515089dae4cbf5f
 interegular-0.3.3-py37-none-any.whl 23635 b0c07007d48c89d6d19f7204972d369b2a77222722e126b6aa63aa721dc3b19c
 jiter-0.19.0-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.whl 338071 0956b5f58b804221dfb929c120e6d4032138fed20c1cc0ef683a2d1326255e46
+jmespath-1.1.0-py3-none-any.whl 20419 a5663118de4908c91729bea0acadca56526eb2698e83de10cd116ae0f4e97c64
 jsonschema-4.26.0-py3-none-any.whl 90630 d489f15263b8d200f8387e64b4c3a75f06629559fb73deb8fdfb525f2dab50ce
 jsonschema_specifications-2025.9.1-py3-none-any.whl 18437 98802fee3a11ee76ecaca44429fda8a41bff98b00a0f2838151b113f210cc6fe
 lark-1.2.2-py3-none-any.whl 111036 c2276486b02f0f1b90be155f2c8ba4a8e194d42775786db622faccd652d8e80c
 llguidance-1.7.6-cp39-abi3-manylinux_2_31_x86_64.whl 3074809 ceec951d29a74309984e3be0fe7f5f56c1362434cd937abd517b259a60908b1e
 lm_format_enforcer-0.11.3-py3-none-any.whl 45418 cf586350875def1ae7a8fba84fcbbfc8371424b6c9d05c1fcba70aa233fbf06f
 loguru-0.7.3-py3-none-any.whl 61595 31a33c10c8e1e10422bfd431aeb5d351c7cf7fa671e3c4df004162264b28220c
+model_hosting_container_standards-0.1.16-py3-none-any.whl 125666 47f4f65713120bc3a69feb022981a38db9e557aedf88dbd72077f20588caa12b
 msgspec-0.22.0-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.manylinux_2_28_x86_64.whl 230377 99c401861c5bb3a57f7d6423ea7ed4352cd57aa3f04f4fbe9f3e3e4564a10f08
 nvidia_cublas-13.1.1.3-py3-none-manylinux_2_27_x86_64.whl 423138758 37936a16db8fe4ac1f065c2139360608a543a09275cb1a1af612e08cfa065436
 nvidia_cudnn_cu13-9.24.0.43-py3-none-manylinux_2_27_x86_64.whl 553099438 71f181cd810e90f9b6023b01186fe82d13d65f0ec098581ee201d39fad769e4b
@@ -86,6 +90,7 @@ nvidia_cutlass_dsl-4.8.0-py3-none-any.whl 10493 24f996e0e5fa88c8b417f4893e615af1
 nvidia_cutlass_dsl_libs_cu13-4.8.0-cp312-cp312-manylinux_2_28_x86_64.whl 91950801 463cd7f0c452ffeeecb530a15aeb1b10cbbd2c8da6c5aa2fecf65f836258a732
 nvidia_nccl_cu13-2.30.7-py3-none-manylinux_2_18_x86_64.whl 215965170 cefa7fdb9710efd0f39c5f1be1d61ff6fc9a996c451265bd7fbdcf9455ed4b50
 openai-2.54.0-py3-none-any.whl 1660351 89089789197ccdb87f173a03145ed1598d00795220c93e96cf712b1cbf5e5f2b
+orjson-3.13.0-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl 130612 bceadfd314bd238f584fc229a4bbaf0e573597e7a026dec5429fbf29fd66c641
 oss_harmony-0.0.11-cp38-abi3-manylinux_2_17_x86_64.manylinux2014_x86_64.whl 3567858 d877c6b526cdbdf55068bae8f05c60398e929c9e296c7f69a1d533339708be80
 outlines_core-0.2.14-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl 2341426 3bb2060c240c4507f334965a8948dbeeb22007560d797f6debd92346c0b620cb
 partial_json_parser-0.2.1.1.post7-py3-none-any.whl 10877 145119e5eabcf80cbb13844a6b50a85c68bf99d376f8ed771e2a3c3b03e653ae
