@@ -47,7 +47,7 @@ def share_metrics_across_processes() -> None:
 
 def share_admission_across_processes() -> None:
     """One count of the requests in flight for every API server process (server.admission): a
-    fresh counter file, named to the processes vLLM spawns through their environment."""
+    fresh counter file, whose path the processes vLLM spawns inherit through the environment."""
     path = create_admission_file()
     atexit.register(path.unlink, missing_ok=True)
     os.environ[ADMISSION_FILE_ENV] = str(path)
