@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Iterator
@@ -339,7 +340,8 @@ def small_server(tiny_family: dict[str, Path], tmp_path_factory: pytest.TempPath
     server processes (as `-dp 2` makes), which share one request limit."""
     args = [
         "--base", str(tiny_family["llama-base"]), "--arm", f"harmless={tiny_family['llama-arm-narrow']}",
-        "--dtype", "float32", "--max-model-len", "256", "--max-num-batched-tokens", "4",
+        # 2048 positions: long requests stay in flight while the 429 test looks
+        "--dtype", "float32", "--max-model-len", "2048", "--max-num-batched-tokens", "4",
         "--max-waiting-requests", "1", "--root-path", "/api", "--api-server-count", "2",
     ]
     proc = ServerProcess(args, tmp_path_factory.mktemp("small-server") / "server.log")
@@ -354,21 +356,29 @@ def test_request_limit_follows_what_the_engine_resolved(server: ServerProcess, s
 
 
 def test_backpressure_answers_429_with_retry_after(tiny_family: dict[str, Path], small_server: ServerProcess) -> None:
+    """The server's limit (4 running + 1 waiting) holds across its two API server processes, however
+    the kernel spreads the connections over them: five long streamed requests are admitted (their
+    headers come back at once), and while they run, three more are refused. The five are then
+    dropped (vLLM aborts a request whose client went away)."""
     proc = small_server
-    async def burst() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=proc.url, timeout=300) as http:
-            body = {"model": str(tiny_family["llama-base"]), "prompt": "Hello", "max_tokens": 200,
-                    "ignore_eos": True, "alignment": {"weights": {"harmless": 1.0}}}
-            return await asyncio.gather(*(http.post("/api/v1/completions", json=body) for _ in range(8)))
+    body = {"model": str(tiny_family["llama-base"]), "prompt": "Hello", "max_tokens": 1500,
+            "ignore_eos": True, "alignment": {"weights": {"harmless": 1.0}}}
 
-    responses = asyncio.run(burst())
-    statuses = sorted(r.status_code for r in responses)
-    # 4 running + 1 waiting, counted across both API server processes however the kernel spread
-    # the 8 connections over them (each 200-token request outlasts the burst's arrival).
-    assert statuses.count(200) == 5 and statuses.count(429) == 3, statuses
-    refused = next(r for r in responses if r.status_code == 429)
-    assert refused.headers["retry-after"] == "1"
-    assert refused.json()["error"]["code"] == 429
+    async def scenario() -> tuple[list[int], list[httpx.Response]]:
+        async with httpx.AsyncClient(base_url=proc.url, timeout=300) as http, contextlib.AsyncExitStack() as streams:
+            admitted = [await streams.enter_async_context(http.stream("POST", "/api/v1/completions", json={**body, "stream": True}))
+                        for _ in range(5)]
+            refused = await asyncio.gather(*(http.post("/api/v1/completions", json=body) for _ in range(3)))
+            return [r.status_code for r in admitted], refused
+
+    admitted, refused = asyncio.run(scenario())
+    assert admitted == [200] * 5 and [r.status_code for r in refused] == [429] * 3, (admitted, [r.text for r in refused])
+    assert refused[0].headers["retry-after"] == "1"
+    assert refused[0].json()["error"]["code"] == 429
+    deadline = time.monotonic() + 120
+    while metric(proc, "genarm_inflight_requests") > 0:  # the dropped requests leave
+        assert time.monotonic() < deadline, "dropped requests stayed in flight"
+        time.sleep(0.2)
     after = httpx.post(proc.url + "/v1/completions", json={"model": str(tiny_family["llama-base"]), "prompt": "Hi", "max_tokens": 2}, timeout=60)
     assert after.status_code == 200
 
