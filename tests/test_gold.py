@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -105,7 +106,9 @@ def w2s(tmp_path_factory: pytest.TempPathFactory) -> dict:
     (the work folder and the base's tokenizer: no model is needed on the CPU side)."""
     root = tmp_path_factory.mktemp("w2s")
     packed, out = root / "packed", root / "out"
-    run("--workdir", str(root / "gpu-work"), "--stages", "gpu", "--pack", "--out", str(packed), module=W2S)
+    # Two lanes, as on the two-GPU machine: stages side by side in two processes, writing the same files.
+    run("--workdir", str(root / "gpu-work"), "--stages", "gpu", "--lanes", "2", "--pack", "--out", str(packed),
+        module=W2S)
     for name in ("gold_work.tar.gz", "gold_tokenizer.tar.gz"):
         with tarfile.open(packed / name) as tar:
             tar.extractall(root / "cpu-work", filter="data")
@@ -159,6 +162,33 @@ def test_w2s_pack_fits_what_comes_back(w2s: dict) -> None:
     files = list(w2s["packed"].iterdir())
     assert len(files) <= 8 and all(f.stat().st_size <= 16 * 2**20 for f in files)
     assert {"gold_work.tar.gz", "gold_tokenizer.tar.gz"} <= {f.name for f in files}
+
+
+def test_a_stage_waits_for_a_running_lane_and_not_for_a_dead_one(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from bench.gold.run import wait_for
+
+    exp = SimpleNamespace(path=lambda name: tmp_path / name, lane=0)
+    lane = subprocess.Popen([sys.executable, "-c", (
+        "import time; from pathlib import Path; from bench.gold.run import lane_marker, update_json\n"
+        f"with lane_marker(Path({str(tmp_path)!r}) / 'lanes' / '1'):\n"
+        "    time.sleep(2)\n"
+        f"    update_json(Path({str(tmp_path)!r}) / 'stages_done.json', lambda d: d.update(arm_strong=1.0))\n"
+        "    time.sleep(60)\n")], cwd=ROOT)
+    try:
+        for _ in range(100):  # the marker shows once the lane holds it
+            if (tmp_path / "lanes" / "1").exists():
+                break
+            time.sleep(0.1)
+        assert wait_for(exp, ["arm_strong"], None, 0) == []  # done by lane 1 while this one waited
+        lane.kill()
+        lane.wait()
+        started = time.monotonic()
+        assert wait_for(exp, ["arm_strong", "genarm_strong"], None, 0) == ["genarm_strong"]  # lane 1 is gone
+        assert time.monotonic() - started < 5
+    finally:
+        lane.kill()
 
 
 def test_share_at_matched_kl_interpolates_the_strong_curve() -> None:

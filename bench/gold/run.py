@@ -15,13 +15,17 @@ log-probs checked). CPU stages: score (gold and guards), report.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import functools
 import json
 import os
+import subprocess
 import shutil
 import sys
 import tarfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +40,11 @@ STAGE_ESTIMATE_S = {"prompts": 10, "sample": 150, "pairs": 30, "arms": 300, "dpo
                     "genarm": 150, "hf": 150, "teacher": 120, "score": 60, "report": 30}
 
 
+LOG_TAG = "gold"  # "gold lane N" in a lane's process (--lanes)
+
+
 def log(message: str) -> None:
-    print(f"[gold {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    print(f"[{LOG_TAG} {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def read_json(path: Path) -> Any:
@@ -46,9 +53,28 @@ def read_json(path: Path) -> Any:
 
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: lanes may write the same file
     tmp.write_text(json.dumps(data))
     tmp.replace(path)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def update_json(path: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Read, change and write a JSON mapping under a lock: stages in parallel lanes (--lanes) add
+    their entries to the same files (stages_done.json, arms.json, genarm.json, ...)."""
+    with file_lock(path):
+        data = read_json(path) if path.is_file() else {}
+        change(data)
+        write_json(path, data)
+    return data
 
 
 def resolved_path(ref: str) -> str:
@@ -64,6 +90,10 @@ class Experiment:
     gpu_stages: list[str] = GPU_STAGES
     cpu_stages: list[str] = CPU_STAGES
     stage_estimate_s: dict[str, float] = STAGE_ESTIMATE_S
+    # GPU stages that may run beside each other, one lane per GPU (--lanes N); stages before the first
+    # lane stage run first, alone. A stage waits for the stages it requires (done in another lane).
+    gpu_lanes: list[list[str]] = []
+    stage_requires: dict[str, list[str]] = {}
 
     @staticmethod
     def smoke_config(work: Path) -> GoldConfig:
@@ -86,6 +116,7 @@ class Experiment:
                                    else (cfg.device if cfg.device != "auto" else "cpu"))
         self.hf_dtype = getattr(torch, cfg.hf_dtype)
         self._tokenizer = None
+        self.lane: int | None = None  # set in a lane's process (--lanes)
 
     # ------------------------------------------------------------------ shared pieces
     @functools.cached_property
@@ -521,12 +552,17 @@ def environment() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None, kind: type[Experiment] = Experiment) -> int:
     """Run `kind`'s stages (the gold experiment by default) with this command line."""
+    global LOG_TAG
     parser = argparse.ArgumentParser(description=sys.modules[kind.__module__].__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML settings (bench/gold/configs/)")
     parser.add_argument("--smoke", action="store_true", help="every stage on tiny random models (the tests)")
     parser.add_argument("--stages", default="all", help="comma list, or gpu / cpu / all")
     parser.add_argument("--deadline", type=float, default=None, help="seconds: start no stage that would end later")
+    parser.add_argument("--lanes", type=int, default=1, metavar="N",
+                        help="GPUs: run the experiment's independent GPU stages in up to N processes side by "
+                             "side, one GPU each (CUDA_VISIBLE_DEVICES); 1: one after another")
+    parser.add_argument("--lane", type=int, default=None, help=argparse.SUPPRESS)  # set for a lane's process
     parser.add_argument("--out", default=os.environ.get("OUT") or "artifacts/gold", help="results / packed outputs")
     parser.add_argument("--workdir", help="override the config's work folder")
     parser.add_argument("--pack", action="store_true", help="pack the work folder's outputs into --out (GPU calls)")
@@ -535,6 +571,8 @@ def main(argv: list[str] | None = None, kind: type[Experiment] = Experiment) -> 
                              "bench/gold/stage.py park): joined, checked, converted once into the work folder")
     args = parser.parse_args(argv)
     started = time.monotonic()
+    if args.lane is not None:
+        LOG_TAG = f"gold lane {args.lane}"
     if args.smoke:
         cfg = kind.smoke_config(Path(args.workdir or f"/tmp/genarm-{kind.config_class.name}-smoke"))
     else:
@@ -546,33 +584,125 @@ def main(argv: list[str] | None = None, kind: type[Experiment] = Experiment) -> 
     if args.gguf_parts:
         kind.use_gguf_parts(cfg, [Path(p) for p in args.gguf_parts], Path(os.path.expanduser(cfg.workdir)))
     exp = kind(cfg)
-    write_json(exp.path("config.json"), cfg.to_dict())
-    if not exp.path("environment.json").is_file() or args.pack:
-        write_json(exp.path("environment.json"), environment())
+    if args.lane is None:  # a lane runs from the config file its parent wrote
+        write_json(exp.path("config.json"), cfg.to_dict())
+        if not exp.path("environment.json").is_file() or args.pack:
+            write_json(exp.path("environment.json"), environment())
     stages = {"gpu": kind.gpu_stages, "cpu": kind.cpu_stages, "all": kind.gpu_stages + kind.cpu_stages}.get(args.stages)
     stages = stages or [s.strip() for s in args.stages.split(",") if s.strip()]
-    done_file = exp.path("stages_done.json")
-    done = read_json(done_file) if done_file.is_file() else {}
     out = Path(args.out)
+    deadline = (started + args.deadline) if args.deadline else None
+    lanes = [[s for s in lane if s in stages] for lane in kind.gpu_lanes[:args.lanes]] if args.lanes > 1 else []
+    lanes = [lane for lane in lanes if lane]
+    failed: list[int] = []
+    if args.lane is not None:
+        exp.lane = args.lane
+        with lane_marker(exp.path(f"lanes/{args.lane}")):
+            run_stages(exp, stages, out, deadline)
+    elif len(lanes) > 1:
+        in_lanes = {s for lane in lanes for s in lane}
+        first = min(stages.index(lane[0]) for lane in lanes)
+        head, tail = stages[:first], [s for s in stages[first:] if s not in in_lanes]
+        # Whatever a lane needs and no lane runs (the head) is done before the lanes start.
+        if run_stages(exp, head, out, deadline):
+            failed = run_lanes(kind, exp, lanes, out, deadline)
+            if not failed:
+                run_stages(exp, tail, out, deadline)
+    else:
+        run_stages(exp, stages, out, deadline)
+    if args.pack:  # also after a failed lane: what the others finished comes back
+        exp.pack(out)
+    done = read_json(exp.path("stages_done.json")) if exp.path("stages_done.json").is_file() else {}
+    log("stages done: " + ", ".join(f"{k} {v:.0f} s" for k, v in done.items()))
+    if failed:
+        log(f"lane(s) {failed} failed: their log lines above say why")
+    return 1 if failed else 0
+
+
+def run_stages(exp: Experiment, stages: list[str], out: Path, deadline: float | None) -> bool:
+    """Each stage not done yet, in order, while it fits before the deadline; True when all are done."""
+    done_file = exp.path("stages_done.json")
+    estimates, requires = type(exp).stage_estimate_s, type(exp).stage_requires
     for stage in stages:
+        done = read_json(done_file) if done_file.is_file() else {}
         if stage in done and stage != "report":
             continue
-        elapsed = time.monotonic() - started
-        if args.deadline and elapsed + kind.stage_estimate_s.get(stage, 60) > args.deadline:
-            log(f"stopping before {stage}: {elapsed:.0f} s used of {args.deadline:.0f}")
-            break
+        missing = wait_for(exp, requires.get(stage, []), deadline, estimates.get(stage, 60))
+        if missing:
+            log(f"stopping before {stage}: {', '.join(missing)} not done")
+            return False
+        if deadline and time.monotonic() + estimates.get(stage, 60) > deadline:
+            log(f"stopping before {stage}: past the deadline")
+            return False
         log(f"stage {stage}")
         t0 = time.monotonic()
         if stage == "report":
             exp.stage_report(out)
         else:
             getattr(exp, f"stage_{stage}")()
-        done[stage] = round(time.monotonic() - t0, 1)
-        write_json(done_file, done)
-    if args.pack:
-        exp.pack(out)
-    log("stages done: " + ", ".join(f"{k} {v:.0f} s" for k, v in done.items()))
-    return 0
+        update_json(done_file, lambda d, stage=stage, t0=t0: d.__setitem__(stage, round(time.monotonic() - t0, 1)))
+    return True
+
+
+def wait_for(exp: Experiment, required: list[str], deadline: float | None, estimate: float) -> list[str]:
+    """The required stages still not done once no other lane can do them (or the deadline is near)."""
+    done_file = exp.path("stages_done.json")
+    while True:
+        done = read_json(done_file) if done_file.is_file() else {}
+        missing = [s for s in required if s not in done]
+        if not missing or not lanes_running(exp.path("lanes"), but=exp.lane):
+            return missing
+        if deadline and time.monotonic() + estimate > deadline:
+            return missing
+        time.sleep(2)
+
+
+@contextlib.contextmanager
+def lane_marker(path: Path) -> Iterator[None]:
+    """A file this lane holds locked while it runs (the lock goes with the process, also when it
+    dies): created locked under a temporary name, then renamed, so it never shows unlocked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with open(tmp, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        tmp.replace(path)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def lanes_running(folder: Path, but: int | None) -> bool:
+    """Whether a lane's process other than lane `but` is alive (its marker still locked)."""
+    for marker in folder.glob("[0-9]*") if folder.is_dir() else []:
+        if marker.name == str(but):
+            continue
+        with contextlib.suppress(FileNotFoundError), open(marker) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+    return False
+
+
+def run_lanes(kind: type[Experiment], exp: Experiment, lanes: list[list[str]], out: Path,
+              deadline: float | None) -> list[int]:
+    """One process per lane, each on its own GPU, with the config this process wrote (models joined
+    from GGUF parts included); the lanes' logs go to this process's output, tagged."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(str(i) for i in range(len(lanes)))).split(",")
+    module = sys.modules[kind.__module__].__spec__.name  # "__main__" under python -m
+    marker_dir = exp.path("lanes")
+    shutil.rmtree(marker_dir, ignore_errors=True)
+    procs = []
+    for i, lane in enumerate(lanes):
+        cmd = [sys.executable, "-m", module, "--config", str(exp.path("config.json")), "--workdir", str(exp.work),
+               "--stages", ",".join(lane), "--lane", str(i), "--out", str(out)]
+        if deadline:
+            cmd += ["--deadline", f"{max(deadline - time.monotonic(), 1):.0f}"]
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible[i % len(visible)]}
+        log(f"lane {i} on GPU {env['CUDA_VISIBLE_DEVICES']}: {', '.join(lane)}")
+        procs.append(subprocess.Popen(cmd, env=env))
+    return [i for i, proc in enumerate(procs) if proc.wait() != 0]
 
 
 if __name__ == "__main__":

@@ -51,13 +51,14 @@ import numpy as np
 
 from bench.gold.config import GoldConfig, smoke_config
 from bench.gold.report import BOOTSTRAP, Table, fmt, per_prompt, plot_frontier, read
-from bench.gold.run import Experiment, log, main as run_main, read_json, resolved_path, write_json
+from bench.gold.run import Experiment, log, main as run_main, read_json, resolved_path, update_json, write_json
 from bench.gold.stage import split_file
 
 ROLES = ("strong", "weak")
 METHODS = {"strong": "GenARM (strong ARM)", "weak": "GenARM (weak ARM)",
            "proxy": "proxy-tuning (weak DPO expert - weak base)"}
 RETURN_BYTES = 15_000_000  # a file coming back from the device is at most 16 MiB
+RETURN_FILES, RETURN_TOTAL_BYTES = 8, 60 * 2**20  # and at most 8 files, 64 MiB together
 
 
 @dataclass
@@ -111,6 +112,12 @@ class WeakToStrong(Experiment):
     stage_estimate_s = {"prompts": 15, "sample": 150, "pairs": 30, "arm_strong": 240, "arm_weak": 150,
                         "dpo": 150, "genarm_weak": 100, "genarm_strong": 110, "genarm_proxy": 110,
                         "teacher": 180, "hh_strong": 240, "hh_weak": 120, "score": 90, "report": 30}
+    # On two GPUs (--lanes 2): the weak side and the teacher on one, the strong side and the HH-RLHF
+    # ARMs on the other; prompts, sample and pairs first, alone.
+    gpu_lanes = [["arm_weak", "dpo", "genarm_weak", "genarm_proxy", "teacher"],
+                 ["arm_strong", "genarm_strong", "hh_strong", "hh_weak"]]
+    stage_requires = {"genarm_weak": ["arm_weak"], "genarm_strong": ["arm_strong"], "genarm_proxy": ["dpo"],
+                      "teacher": ["arm_weak", "arm_strong", "genarm_weak", "genarm_strong", "genarm_proxy"]}
     cfg: W2SConfig
 
     @staticmethod
@@ -163,8 +170,7 @@ class WeakToStrong(Experiment):
     # ------------------------------------------------------------------ ARMs: one stage each
     def _arm(self, role: str, model: str) -> None:
         info = self._train_arm(self.dim, self.cfg.arm_recipe, model=model, role=role)
-        arms = read_json(self.path("arms.json")) if self.path("arms.json").is_file() else {}
-        write_json(self.path("arms.json"), {**arms, role: info})
+        update_json(self.path("arms.json"), lambda arms: arms.__setitem__(role, info))
 
     def stage_arm_strong(self) -> None:
         self._arm("strong", self.base_path)
@@ -189,16 +195,14 @@ class WeakToStrong(Experiment):
         started = time.monotonic()
         result = train_arm(tc)
         evals = [e["eval_accuracy"] for e in result.log_history if "eval_accuracy" in e]
-        file = self.path("hh_arms.json")
-        done = read_json(file) if file.is_file() else {}
-        done[role] = {"model": model, "settings": self.cfg.hh_settings, "recipe": "genarm-train LoRA defaults",
-                      "heldout_accuracy_untrained": evals[0] if evals else None,
-                      "heldout_accuracy": result.metrics.get("heldout_accuracy"),
-                      "heldout_margin": result.metrics.get("heldout_margin"),
-                      "train_pairs": result.data_report["split"]["train_pairs"],
-                      "heldout_pairs": result.metrics.get("heldout_pairs"), "train_s": time.monotonic() - started}
-        write_json(file, done)
-        log(f"hh {role}: held-out accuracy {done[role]['heldout_accuracy_untrained']} -> {done[role]['heldout_accuracy']}")
+        entry = {"model": model, "settings": self.cfg.hh_settings, "recipe": "genarm-train LoRA defaults",
+                 "heldout_accuracy_untrained": evals[0] if evals else None,
+                 "heldout_accuracy": result.metrics.get("heldout_accuracy"),
+                 "heldout_margin": result.metrics.get("heldout_margin"),
+                 "train_pairs": result.data_report["split"]["train_pairs"],
+                 "heldout_pairs": result.metrics.get("heldout_pairs"), "train_s": time.monotonic() - started}
+        update_json(self.path("hh_arms.json"), lambda done: done.__setitem__(role, entry))
+        log(f"hh {role}: held-out accuracy {entry['heldout_accuracy_untrained']} -> {entry['heldout_accuracy']}")
 
     def stage_hh_strong(self) -> None:
         self._hh_arm("strong", self.base_path)
@@ -222,13 +226,15 @@ class WeakToStrong(Experiment):
         result = self.engine_job(f"genarm_{engine}", arms, tasks)
         for task, (_, weights) in zip(result["tasks"], spec, strict=True):
             task.update(engine=engine, weights=weights)
-        file = self.path("genarm.json")
-        done = read_json(file) if file.is_file() else {"tasks": [], "engines": {}}
-        done["tasks"] = [t for t in done["tasks"] if t["engine"] != engine] + result["tasks"]
         models = {"base": self.base_path, **arms}
-        done["engines"][engine] = {"arms": arms, "startup_s": result["startup_s"],
-                                   "weights_per_token": {k: weights_per_token(p) for k, p in models.items()}}
-        write_json(file, done)
+        info = {"arms": arms, "startup_s": result["startup_s"],
+                "weights_per_token": {k: weights_per_token(p) for k, p in models.items()}}
+
+        def add(done: dict[str, Any]) -> None:
+            done["tasks"] = [t for t in done.get("tasks", []) if t["engine"] != engine] + result["tasks"]
+            done.setdefault("engines", {})[engine] = info
+
+        update_json(self.path("genarm.json"), add)
         log(f"genarm {engine}: " + ", ".join(f"{t['name']} {t['tokens_per_s']:.0f} tok/s" for t in result["tasks"]))
 
     def stage_genarm_weak(self) -> None:
@@ -300,13 +306,24 @@ class WeakToStrong(Experiment):
 
     def pack(self, out: Path) -> None:
         """The gold run's pack, plus the base's tokenizer (the CPU stages need nothing else of the
-        models); adapters over what one returned file may hold come back in parts (join with cat)."""
+        models); adapters come back as far as they fit, those over one returned file's size in parts
+        (join with cat)."""
         super().pack(out)
         if self.path("tokenizer").is_dir():
             with tarfile.open(out / "gold_tokenizer.tar.gz", "w:gz") as tar:
                 tar.add(self.path("tokenizer"), arcname="tokenizer")
-        for tarball in sorted(out.glob("gold_arm_*.tar.gz")):
-            if tarball.stat().st_size > RETURN_BYTES:
+        # The 1.5B's ARM alone is ~35 MB: keep adapters, smallest first, while the whole pack stays
+        # within what one device call returns; the results never need them (the CPU stages read none).
+        used = sum(f.stat().st_size for f in out.iterdir() if not f.name.startswith("gold_arm_"))
+        files = sum(1 for f in out.iterdir() if not f.name.startswith("gold_arm_"))
+        for tarball in sorted(out.glob("gold_arm_*.tar.gz"), key=lambda f: f.stat().st_size):
+            size, pieces = tarball.stat().st_size, -(-tarball.stat().st_size // RETURN_BYTES)
+            if used + size > RETURN_TOTAL_BYTES or files + pieces > RETURN_FILES:
+                log(f"pack: {tarball.name} ({size / 2**20:.0f} MiB) stays on the machine: over what one call returns")
+                tarball.unlink()
+                continue
+            used, files = used + size, files + pieces
+            if size > RETURN_BYTES:
                 split_file(tarball, RETURN_BYTES)
                 tarball.unlink()
 
