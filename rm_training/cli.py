@@ -93,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"genarm-train: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from rm_training.trainer import TrainingDiverged
+
+        if not isinstance(err, TrainingDiverged):
+            raise
+        print(f"genarm-train: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("genarm-train: interrupted; continue later with --resume", file=sys.stderr)
         return 130

@@ -97,7 +97,7 @@ def load_training_tokenizer(model: str):
 def train_arm(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     from accelerate import PartialState
 
-    from rm_training.trainer import build_trainer, list_checkpoints, newest_complete_checkpoint
+    from rm_training.trainer import DivergenceGuard, build_trainer, list_checkpoints, newest_complete_checkpoint
 
     state = PartialState()
     world, is_main = state.num_processes, state.is_main_process
@@ -155,6 +155,8 @@ def train_arm(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     trainer = build_trainer(cfg, data.train_dataset(), data.heldout_dataset(), tokenizer, checkpoint_dir,
                             world, callbacks)
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    guard = next(c for c in trainer.callback_handler.callbacks if isinstance(c, DivergenceGuard))
+    guard.check(cfg, trainer.args.bf16)
 
     metrics = _final_metrics(trainer, data, cfg, world, train_output)
     info = _arm_info(cfg, tokenizer, data, metrics)

@@ -429,6 +429,22 @@ def test_cli_errors_are_one_line(tiny_family, foreign_arm, tmp_path, capsys) -> 
     assert "does not share the tokenizer" in capsys.readouterr().err
 
 
+def test_a_diverged_run_stops_with_one_line_and_saves_no_arm(tiny_family, synthetic_data, tmp_path) -> None:
+    """A learning rate of 1e8 blows the loss up within a few steps: genarm-train must say so and
+    exit non-zero, not train on and save an ARM that scores nothing."""
+    out = tmp_path / "diverged"
+    cmd = [sys.executable, "-m", "rm_training.cli", "--model", str(tiny_family["llama-base"]),
+           "--data", str(synthetic_data), "--out", str(out), "--learning-rate", "1e8", "--max-steps", "30",
+           "--batch-size", "8", "--per-device-batch-size", "8", "--heldout-fraction", "0.2", "--eval-steps", "100",
+           "--logging-steps", "1", "--save-steps", "100", "--max-length", "64", "--max-prompt-length", "32",
+           "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("genarm-train: error:")]
+    assert len(errors) == 1 and "training diverged" in errors[0] and "Traceback" not in done.stderr
+    assert not (out / "adapter").exists()
+
+
 def test_known_model_names(tiny_family, tmp_path, monkeypatch) -> None:
     from rm_training import pipeline
     from genarm_common import model_fetch

@@ -28,7 +28,7 @@ time per token and model weights used per token, relative to the strong ARM's.
 
     python -m bench.gold.weak_to_strong --smoke --out /tmp/w2s-smoke          # tiny models, CPU, minutes
     python -m bench.gold.weak_to_strong --config bench/gold/configs/qwen_w2s_gpu.yaml \\
-        --gguf-parts /tmp/genarm-stage --stages gpu --deadline 540 --pack --out $OUT   # GPU, repeat until done
+        --gguf-parts /tmp/genarm-stage --stages gpu --lanes 2 --deadline 540 --pack --out $OUT  # 2 GPUs, until done
     python -m bench.gold.weak_to_strong --config bench/gold/configs/qwen_w2s_gpu.yaml --workdir WORK \\
         --stages cpu --out bench/gold/weak_to_strong/                                  # here: scores, report
 """
@@ -109,9 +109,10 @@ class WeakToStrong(Experiment):
     gpu_stages = ["prompts", "sample", "pairs", "arm_strong", "arm_weak", "dpo",
                   "genarm_weak", "genarm_strong", "genarm_proxy", "teacher", "hh_strong", "hh_weak"]
     # One stage per ARM and per engine, so a 10-minute device call never ends inside a long one.
-    stage_estimate_s = {"prompts": 15, "sample": 150, "pairs": 30, "arm_strong": 240, "arm_weak": 150,
-                        "dpo": 150, "genarm_weak": 100, "genarm_strong": 110, "genarm_proxy": 110,
-                        "teacher": 180, "hh_strong": 240, "hh_weak": 120, "score": 90, "report": 30}
+    # Measured on an H200 (2026-11-30, fp32 training; hh_strong: a guess, it ran out of memory at 16 per device).
+    stage_estimate_s = {"prompts": 15, "sample": 170, "pairs": 15, "arm_strong": 330, "arm_weak": 130,
+                        "dpo": 75, "genarm_weak": 80, "genarm_strong": 80, "genarm_proxy": 80,
+                        "teacher": 120, "hh_strong": 450, "hh_weak": 150, "score": 150, "report": 30}
     # On two GPUs (--lanes 2): the weak side and the teacher on one, the strong side and the HH-RLHF
     # ARMs on the other; prompts, sample and pairs first, alone.
     gpu_lanes = [["arm_weak", "dpo", "genarm_weak", "genarm_proxy", "teacher"],
@@ -361,7 +362,7 @@ class W2STable(Table):
         """Forwards per token in words, and the weights used per token relative to the base alone."""
         used = self.genarm["engines"][engine]["weights_per_token"]
         arms = [k for k in used if k != "base"]
-        words = "1 + " + " + ".join(f"{k} ({used[k] / 1e6:.3g}M)" for k in arms)
+        words = "1 + " + " + ".join(f"{k} ({used[k] / 1e6:,.0f}M)" for k in arms)
         return words, sum(used.values()) / used["base"]
 
     def rows(self) -> list[dict[str, Any]]:
