@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Stage vLLM 0.33.0 (torch 2.14.0+cu130) for the lent GPU machine. Runs HERE (CPU machine), from anywhere;
 # it works in the project root. Nothing tracked is changed: it writes the git-ignored folders
-# .v3300 .. .v33NN (wheel parts and small wheels, each folder <= 37,000,000 bytes) and .v33z (install.sh +
-# manifest.sha256), using the download cache ${VLLM033_WHEEL_CACHE:-/tmp/vllm033-wheels}.
+# .v3300 .. .v33NN (wheel parts and small wheels, each folder <= ${PART_BYTES:-37000000} bytes) and .v33z
+# (install.sh + manifest.sha256), using the download cache ${VLLM033_WHEEL_CACHE:-/tmp/vllm033-wheels}.
+# With the tree slimmed for the stretch (bash bench/device_tree.sh slim: 3.4 MB travels with each call
+# instead of 25.6), PART_BYTES=62500000 makes about 45 calls instead of 74.
 #
 # Wheels: 60 files, 2,696,972,022 bytes in all (MANIFEST below: file, bytes, sha256). Beyond the image
 # (torch 2.11.0+cu130, triton 3.6.0, CUDA 13.0 libs): vllm 0.33.0, torch 2.14.0 (+cu130 build on PyPI),
@@ -51,7 +53,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cache="${VLLM033_WHEEL_CACHE:-/tmp/vllm033-wheels}"
-limit=37000000
+limit="${PART_BYTES:-37000000}"  # 62500000 with the tree slimmed (bash bench/device_tree.sh slim)
 mkdir -p "$cache"
 manifest="$cache/MANIFEST.txt"
 cat > "$manifest" <<'MANIFEST'
