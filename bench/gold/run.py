@@ -20,8 +20,8 @@ import fcntl
 import functools
 import json
 import os
-import subprocess
 import shutil
+import subprocess
 import sys
 import tarfile
 import time
