@@ -17,7 +17,8 @@
 # under torch 2.14), nvidia_cutlass_dsl(+libs_cu13) 4.8.0 and nvidia_cudnn_frontend 1.32.0 (vLLM 0.33 /
 # flashinfer 0.7 raised their floors; the image's copies are of unknown version).
 #
-# Device calls after running this script (74 in all; run them back to back so the machine stays warm):
+# Device calls after running this script (74 in all; 45 with PART_BYTES=62500000, measured 2026-11-30;
+# run them back to back so the machine stays warm):
 #   1..73: carry [".v33NN"] (NN = 00 .. 72, in order), command: mkdir -p /root/w33 && cp .v33NN/* /root/w33/
 #   74:    carry [".v33z"],  command: bash .v33z/install.sh
 #   then:  export PYTHONPATH=/tmp/site33 && python3 your_script.py      (same warm machine, nothing carried)
