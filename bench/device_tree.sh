@@ -6,7 +6,7 @@
 # while slimmed: `git status` shows the files as deleted.
 #   bash bench/device_tree.sh slim | restore | size
 set -euo pipefail
-cd "$(git rev-parse --show-toplevel)"
+cd "$(dirname "$0")/.."  # the repository this script is in, wherever it is called from
 big=(server/default_arms/positive/adapter_model.safetensors
      server/default_arms/objective/adapter_model.safetensors
      bench/quality/arms/harmless/adapter_model.safetensors)
