@@ -170,7 +170,7 @@ def warm_up(llm: Any, config: Any, tasks: list[dict[str, Any]], prefix_caching: 
             llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in warm],
                          SamplingParams(max_tokens=1, temperature=0.0, extra_args=base_alone), use_tqdm=False)
     # The first task's whole batch, not a slice of 16: on an H200 each engine's first timed task ran
-    # at ~0.55x the speed of the next ones after a 16-prompt warm-up (weak-to-strong run, eager
+    # at 0.56-0.67x the speed of the next ones after a 16-prompt warm-up (weak-to-strong run, eager
     # engines); kernels specialised on the batch size compiling inside it are the likely cause.
     first = prompts_of(tasks[0])
     if first:
