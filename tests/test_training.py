@@ -336,6 +336,17 @@ def test_export_loads_back_and_the_server_accepts_it(learned, tiny_family, token
     assert setup.tokenizer_sha256 == info["tokenizer_sha256"]
 
 
+def tiny_cli_command(model: Path, data: Path, out: Path, **flags: object) -> list[str]:
+    """genarm-train as a user runs it, on the tiny model with small batches and lengths; `flags`
+    (learning_rate=..., max_steps=...) become --learning-rate ..., --max-steps ...."""
+    cmd = [sys.executable, "-m", "rm_training.cli", "--model", str(model), "--data", str(data), "--out", str(out),
+           "--batch-size", "8", "--per-device-batch-size", "8", "--heldout-fraction", "0.2", "--logging-steps", "1",
+           "--max-length", "64", "--max-prompt-length", "32", "--no-progress"]
+    for name, value in flags.items():
+        cmd += ["--" + name.replace("_", "-"), str(value)]
+    return cmd
+
+
 def test_resume_after_kill_matches_an_uninterrupted_run(tiny_family, synthetic_data, tmp_path) -> None:
     """SIGKILL after step 7 (checkpoints every 3 steps), resume from checkpoint-6: same weights and losses."""
     from rm_training.pipeline import train_arm
@@ -343,11 +354,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_family, synthetic_d
     common = dict(max_steps=10, save_steps=3, eval_steps=5)
     full = train_arm(tiny_config(tiny_family["llama-base"], synthetic_data, tmp_path / "a", **common))
     out = tmp_path / "b"
-    cmd = [sys.executable, "-m", "rm_training.cli", "--model", str(tiny_family["llama-base"]),
-           "--data", str(synthetic_data), "--out", str(out), "--learning-rate", "2e-2", "--max-steps", "10",
-           "--batch-size", "8", "--per-device-batch-size", "8", "--heldout-fraction", "0.2", "--eval-steps", "5",
-           "--logging-steps", "1", "--save-steps", "3", "--max-length", "64", "--max-prompt-length", "32",
-           "--no-progress"]
+    cmd = tiny_cli_command(tiny_family["llama-base"], synthetic_data, out, learning_rate="2e-2", max_steps=10,
+                           eval_steps=5, save_steps=3)
     env = dict(os.environ, GENARM_TRAIN_KILL_AT_STEP="7")
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -433,11 +441,8 @@ def test_a_diverged_run_stops_with_one_line_and_saves_no_arm(tiny_family, synthe
     """A learning rate of 1e8 blows the loss up within a few steps: genarm-train must say so and
     exit non-zero, not train on and save an ARM that scores nothing."""
     out = tmp_path / "diverged"
-    cmd = [sys.executable, "-m", "rm_training.cli", "--model", str(tiny_family["llama-base"]),
-           "--data", str(synthetic_data), "--out", str(out), "--learning-rate", "1e8", "--max-steps", "30",
-           "--batch-size", "8", "--per-device-batch-size", "8", "--heldout-fraction", "0.2", "--eval-steps", "100",
-           "--logging-steps", "1", "--save-steps", "100", "--max-length", "64", "--max-prompt-length", "32",
-           "--no-progress"]
+    cmd = tiny_cli_command(tiny_family["llama-base"], synthetic_data, out, learning_rate="1e8", max_steps=30,
+                           eval_steps=100, save_steps=100)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("genarm-train: error:")]
