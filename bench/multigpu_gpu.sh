@@ -27,6 +27,10 @@
 #                         bash bench/multigpu_gpu.sh lanes "correct16z" "zero16"
 #   (the 12 staging calls took ~2 minutes; every result stretch by stretch: bench/results/multigpu_gpu.md)
 #   (earlier, issue 17 alone: train correct1 correct2 tp dp)
+# Issue 16 on the newest vLLM (not yet run): the calls above up to `setup` (vLLM 0.26 merges the real
+# ARM: peft lives in /tmp/site), then the .v33NN calls of bench/stage_newest_vllm.sh (tree slimmed:
+# bench/device_tree.sh), then `bash bench/device_tree.sh restore` here, since correct33 reads the shipped
+# positive ARM, and:      bash bench/multigpu_gpu.sh lanes "speed33" "correct33"
 # Every call packs $RUN's results into $OUT/multigpu_run.tar.gz and prints the tables.
 set -uo pipefail
 RUN=${GENARM_MULTIGPU_RUN:-/root/mg}
@@ -80,6 +84,14 @@ zero16() {  # where zero weights part from plain vLLM: same-geometry ARM only, a
   python3 -m bench.engine_gpu correctness --runner v2 --families qwen2 --arm-roles same --plain-twice --out "$RUN/engine16s" &&
   python3 -m bench.engine_gpu correctness --runner v2 --families qwen2 --plain-twice --out "$RUN/engine16s"
 }
+# The same benches on vLLM 0.33 (bench/stage_newest_vllm.sh installs it into /tmp/site33, which must be
+# alone on the path). The real ARM is merged under 0.26 first, so 0.33 finds it in the cache ($RUN).
+correct33() {
+  python3 -c "from server.adapters import resolve_arms; resolve_arms('$SMOL', {'p': 'server/default_arms/positive'})" &&
+  PYTHONPATH=/tmp/site33 python3 -m bench.engine_gpu correctness --runner v2 --families qwen2 llama --real-base "$SMOL" \
+    --real-arm positive=server/default_arms/positive --out "$RUN/engine33"
+}
+speed33() { PYTHONPATH=/tmp/site33 python3 -m bench.engine_gpu speed --pairs 8b+1b --runners v2 --out "$RUN/engine33"; }
 correct16tp2() { python3 -m bench.engine_gpu correctness --runner v2 --tp 2 --families qwen2 --out "$RUN/engine16"; }
 correct1() {
   python3 -m bench.engine_gpu correctness --tp 1 --families qwen2 --real-base "$SMOL" \
@@ -104,7 +116,8 @@ run_phase() {  # $1: a phase; runs under what is left of this call's budget, lea
     return 1
   fi
 }
-export -f setup throughput ddp train speed16 correct16 correct16z correct1z zero16 correct16tp2 correct1 correct2 tp dp
+export -f setup throughput ddp train speed16 correct16 correct16z correct1z zero16 correct16tp2 correct1 correct2 tp dp \
+  correct33 speed33
 export RUN SMOL GGUF
 
 if [ "${1:-}" = "lanes" ]; then  # two single-GPU lanes side by side
@@ -116,15 +129,16 @@ fi
 for phase in "$@"; do run_phase "$phase"; done
 python3 -m bench.multigpu report --out "$RUN/engine" > /dev/null 2>&1
 [ -d "$RUN/engine16" ] && python3 -m bench.engine_gpu report --out "$RUN/engine16" > "$RUN/engine16/report.txt" 2>&1
+[ -d "$RUN/engine33" ] && PYTHONPATH=/tmp/site33 python3 -m bench.engine_gpu report --out "$RUN/engine33" > "$RUN/engine33/report.txt" 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$RUN/machine.txt" 2>&1
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/multigpu_run.tar.gz" -C "$RUN" --exclude='*.gguf' --exclude=models --exclude=work \
     --exclude='checkpoint-*' --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' .
 fi
-cat "$RUN"/train/*.md "$RUN/engine/multigpu.md" "$RUN/engine16/report.txt" 2>/dev/null
-python3 - "$RUN"/engine16*/correctness.json <<'EOF' 2>/dev/null
-import json, sys
-for key, e in [kv for f in sys.argv[1:] for kv in json.load(open(f)).items()]:
+cat "$RUN"/train/*.md "$RUN/engine/multigpu.md" "$RUN"/engine{16,33}/report.txt 2>/dev/null
+python3 - "$RUN"/engine{16,33}*/correctness.json <<'EOF' 2>/dev/null
+import json, os, sys
+for key, e in [kv for f in sys.argv[1:] if os.path.exists(f) for kv in json.load(open(f)).items()]:
     if "error" in e:
         print(key, "ERROR", e["error"].splitlines()[-1][:200]); continue
     print(key, e["model_runner"], "zero==plain", e["zero_weight_sequences_equal_plain"], "guided gap/unit",

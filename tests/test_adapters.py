@@ -116,3 +116,45 @@ def test_model_references_resolve_or_fail_in_one_line(tiny_family: dict[str, Pat
     assert "\n" not in str(err.value)
     with pytest.raises(SetupError, match="not a folder, a known name"):
         resolve_model_ref("./missing/folder")
+
+
+def lora_updates(model_dir: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    """Every adapted layer's update (scaling * B @ A), as PEFT computes it."""
+    from peft.tuners.lora import LoraLayer
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter)
+    return {name: module.get_delta_weight("default").detach()
+            for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def test_shrink_keeps_each_layers_best_low_rank_update(
+    adapter: Path, tiny_family: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`python -m rm_training.shrink`: every update becomes its closest rank-k matrix (Eckart-Young:
+    the error is the norm of the dropped singular values), in a smaller adapter the server merges."""
+    from rm_training.shrink import main as shrink_main
+
+    model_dir = tiny_family["llama-arm-narrow"]
+    out = tmp_path / "rank2"
+    assert shrink_main([str(adapter), str(out), "--rank", "2"]) == 0
+    assert "rank 4 -> 2" in capsys.readouterr().out
+    full, shrunk = lora_updates(model_dir, adapter), lora_updates(model_dir, out)
+    assert shrunk.keys() == full.keys() and len(full) == 3 * 3  # q, k, v in the three tiny layers
+    for name, update in full.items():
+        dropped = torch.linalg.svdvals(update)[2:]
+        assert torch.linalg.matrix_norm(update - shrunk[name]).item() == pytest.approx(
+            dropped.square().sum().sqrt().item(), rel=1e-3, abs=1e-6), name
+        assert torch.linalg.matrix_rank(shrunk[name]).item() <= 2
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (2, 2)
+    assert (out / "adapter_model.safetensors").stat().st_size < (adapter / "adapter_model.safetensors").stat().st_size
+    monkeypatch.setenv("GENARM_CACHE", str(tmp_path / "cache"))
+    base = str(tiny_family["llama-base"])
+    check_fusion_setup(base, {"h": Path(resolve_arms(base, {"h": str(out)})["h"])})  # merged, accepted
+
+    capsys.readouterr()
+    assert shrink_main([str(adapter), str(tmp_path / "rank4"), "--rank", "4"]) == 1  # nothing to shrink
+    assert capsys.readouterr().err.strip() == (
+        f"error: {adapter}: --rank must be between 1 and 3 (the adapter's rank is 4)")
+    assert not (tmp_path / "rank4").exists()
