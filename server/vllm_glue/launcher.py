@@ -26,7 +26,7 @@ _GUIDED_ENGINE_KEYS = (
     "hf_overrides", "logits_processors", "max_model_len", "load_format", "speculative_config",
     "pipeline_parallel_size", "enable_prompt_embeds", "served_model_name", "attention_backend",
     "attention_config", "kv_cache_memory_bytes", "dtype", "max_num_seqs", "tensor_parallel_size",
-    "data_parallel_size",
+    "data_parallel_size", "enable_chunked_prefill", "max_num_batched_tokens",
 )
 _metrics_dir: tempfile.TemporaryDirectory | None = None
 
