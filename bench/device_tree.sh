@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every device call sends the tracked tree along with what it carries, 64 MiB in all; the tree is
-# ~25 MB, most of it adapters no GPU run reads (the shipped ARMs). For a staging stretch, `slim`
-# keeps those out of what travels (dropped from the index, ignored in .git/info/exclude; the files
-# stay on disk), so a call can carry ~62 MB instead of ~37 MB; `restore` puts them back. Never commit
+# ~16 MB, 12.5 MB of it adapters that no GPU run but the engine's real-pair check reads (the shipped
+# ARMs). For a staging stretch, `slim` keeps those out of what travels (dropped from the index,
+# ignored in .git/info/exclude; the files stay on disk), so a call can carry ~62 MB instead of
+# ~50 MB; `restore` puts them back. Never commit
 # while slimmed: `git status` shows the files as deleted.
 #   bash bench/device_tree.sh slim | restore | size
 set -euo pipefail
