@@ -1,14 +1,14 @@
 """Does a shrunk ARM still steer like the one it came from? Full and rank-truncated ARMs side by side.
 
-    python -m bench.arm_rank --gold-work WORK --rank 8 --arm positive=server/default_arms/positive \
-        --arm objective=server/default_arms/objective --out bench/results/arm_rank_cpu
+    python -m bench.arm_rank --gold-work WORK --rank 8 --arm positive=RANK16_ADAPTER \
+        --arm objective=RANK16_ADAPTER --out bench/results/arm_rank_cpu
 
 WORK is a gold experiment's work folder (`bench/gold/run.py`): its held-out prompts (prompts.json)
 and held-out gold pairs (pairs/DIM_heldout.jsonl). Each ARM is shrunk with `rm_training.shrink`,
 then both versions are measured in the same run:
 - held-out pairwise accuracy on the gold pairs (rm_training.scoring, float32);
-- one guided engine holding every full and shrunk ARM, sampling the held-out prompts at T=1 with the
-  same seeds per weight: gold (the dimension's judge), KL(pi || base) per response (engine log-probs
+- one guided engine per dimension holding its full and shrunk ARM, sampling the held-out prompts at
+  T=1 with the same seeds per weight: gold (the dimension's judge), KL(pi || base) per response (engine log-probs
   minus the teacher-forced base's), the guards (MiniLM relevance, distinct-2);
 - KL(pi_full || pi_shrunk) per response: the full ARM's samples, scored by both fused distributions.
 Results go to OUT.json and a table to OUT.md. Resumable: the engine job is cached in --work.
@@ -132,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         ids, engine_lp, texts = responses(name)
         tf = teacher_force(base_model, [], prompt_ids, ids, vocab, batch_size=32)
         kl = np.asarray([lp.sum() - b.sum() for lp, b in zip(engine_lp, tf.base, strict=True)])
-        row = {"task": name, "tokens_per_s": by_name[name]["tokens_per_s"], "kl": mean_se(kl),
-               "gold": mean_se(gold(dim, texts)), "relevance": float(relevance(users, texts).mean()),
-               "distinct2": float(distinct2(texts).mean()), "gold_values": gold(dim, texts).tolist()}
-        return row
+        scores = gold(dim, texts)
+        return {"task": name, "tokens_per_s": by_name[name]["tokens_per_s"], "kl": mean_se(kl),
+                "gold": mean_se(scores), "relevance": float(relevance(users, texts).mean()),
+                "distinct2": float(distinct2(texts).mean()), "gold_values": scores.tolist()}
 
     rows: dict[str, Any] = {dim: {"zero": measure("zero", dim)} for dim in arms}
     for dim in arms:
