@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from genarm_common.errors import SetupError
-from genarm_common.folders import replace_dir, staging_dir
+from genarm_common.folders import replaced_on_success
 
 CHUNK = 1 << 20
 
@@ -268,18 +268,13 @@ def convert_gguf(
         if value is not None and getattr(plain.generation_config, special, None) is None:
             setattr(plain.generation_config, special, value)
     del loaded
-    tmp = staging_dir(out_dir)
-    try:
+    with replaced_on_success(out_dir) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         provenance = {"converted_from": name, "gguf_sha256": sha256_file(gguf_path), "dtype": dtype,
                       "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         provenance.update(source or {})
         (tmp / "genarm_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _say(progress, f"wrote {out_dir} in {time.monotonic() - started:.0f} s")
     return out_dir
 

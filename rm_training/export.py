@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from genarm_common.folders import make_shared, replace_dir, staging_dir
+from genarm_common.folders import make_shared, replaced_on_success
 from genarm_common.lora_merge import merge_lora, recorded_base
 
 ARM_INFO = "genarm_arm.json"
@@ -79,15 +78,10 @@ def merge_adapter(
         info = read_arm_info(adapter_dir)
     if base is None:
         base = (info or {}).get("trained_from") or recorded_base(adapter_dir)
-    tmp = staging_dir(out_dir)
-    try:
+    with replaced_on_success(out_dir) as tmp:
         merge_lora(adapter_dir, Path(base), tmp, dtype)
         info = {k: v for k, v in (info or {}).items() if k not in ("format", "kind")}
         finish_folder(tmp, info, "merged")
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

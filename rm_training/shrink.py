@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from genarm_common.errors import SetupError
-from genarm_common.folders import replace_dir, staging_dir
+from genarm_common.folders import replaced_on_success
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -103,8 +103,7 @@ def shrink_adapter(adapter: Path, out: Path, rank: int) -> ShrinkReport:
     if not layers:
         raise SetupError(f"{adapter}: no LoRA weights in {WEIGHTS}")
 
-    tmp = staging_dir(out)
-    try:
+    with replaced_on_success(out) as tmp:
         for item in adapter.iterdir():
             if item.is_file() and item.name not in (WEIGHTS, CONFIG, ARM_INFO):
                 shutil.copy2(item, tmp / item.name)
@@ -119,10 +118,6 @@ def shrink_adapter(adapter: Path, out: Path, rank: int) -> ShrinkReport:
                 info["lora"] = {**info["lora"], "r": rank, "alpha": rank}
             info["shrunk"] = report.as_dict()
             (tmp / ARM_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
