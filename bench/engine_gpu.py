@@ -6,6 +6,8 @@
     python -m bench.engine_gpu speed --pairs 1b+1b 8b+1b [--runners v1 v2] --out DIR
     python -m bench.engine_gpu reference-speed --pairs 1b+1b 8b+1b --out DIR
     python -m bench.engine_gpu report --out DIR           # engine.json + engine.md from DIR
+    python -m bench.engine_gpu explain --out DIR --label real-v2 --real-base HF_FOLDER --real-arm NAME=PATH
+                                                          # one pair's raw outputs scored again here
     (--smoke: tiny sizes, for a dry run on a CPU machine)
 
 Every engine runs in its own child process (bench.vllm_worker: its GPU memory is returned when it
@@ -168,7 +170,7 @@ def run_child(job: dict[str, Any], out_file: Path, timeout: int = 900) -> dict[s
         out_file.write_text(json.dumps(result))
         print(f"[{job['name']}] FAILED after {time.time() - started:.0f}s:\n{tail}", flush=True)
         return result
-    result: dict[str, Any] = {"job": job, **{k: done.get(k) for k in ("startup_s", "model_runner", "device", "vllm")}}
+    result: dict[str, Any] = {"job": job, **{k: done.get(k) for k in ("startup_s", "model_runner", "async_scheduling", "device", "vllm")}}
     if job["kind"] == "generate":
         result["outputs"] = {task["name"]: [{"token_ids": per[0]["token_ids"], "logprobs": per[0]["logprobs"]}
                                             for per in task["samples"]] for task in done["tasks"]}
@@ -266,7 +268,8 @@ def check_pair(label: str, base: str, arms: dict[str, str], out: Path, smoke: bo
     plain = run_child(common | dict(name=f"{label}-tp{tp}-plain", baseline=True,
                                     weight_sets={"plain": None}), out / f"correct-{label}-tp{tp}-plain.json")
     entry: dict[str, Any] = {"tensor_parallel_size": tp, "sequences": count, "weights": list(weight_choices),
-                             "model_runner": {"guided": guided.get("model_runner"), "plain": plain.get("model_runner")}}
+                             "model_runner": {"guided": guided.get("model_runner"), "plain": plain.get("model_runner")},
+                             "async_scheduling": {"guided": guided.get("async_scheduling"), "plain": plain.get("async_scheduling")}}
     if "outputs" not in guided or "outputs" not in plain:
         entry["error"] = guided.get("error") or plain.get("error")
         return entry
@@ -283,16 +286,53 @@ def check_pair(label: str, base: str, arms: dict[str, str], out: Path, smoke: bo
     entry["zero_weight_matches_plain_vllm"] = all(same)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reference = ReferenceGuidedGenerator(base, arms, device=device, dtype=torch.float32)
-    entry["guided"] = teacher_forced_stats(reference, prompt_ids, weights, guided["outputs"]["guided"])
-    entry["plain_vllm"] = teacher_forced_stats(reference, prompt_ids, [{}] * count, plain_out)
+    score_against_plain(entry, reference, prompt_ids, weights, guided["outputs"]["guided"], plain_out)
     del reference
     if device == "cuda":
         torch.cuda.empty_cache()
+    entry["guided_token_ids"] = [o["token_ids"] for o in guided["outputs"]["guided"]]
+    print(json.dumps({f"{label}/tp{tp}": {k: v for k, v in entry.items() if k != "guided_token_ids"}}), flush=True)
+    return entry
+
+
+def score_against_plain(entry: dict[str, Any], reference: Any, prompt_ids: list, weights: list,
+                        guided: list, plain: list) -> None:
+    """The deviation half of the criterion, into `entry`; every guided token past plain vLLM's
+    floor comes with its parts (component_margins), so a failure shows whose error it took."""
+    entry["guided"], divergent = teacher_forced_stats(reference, prompt_ids, weights, guided)
+    entry["plain_vllm"], _ = teacher_forced_stats(reference, prompt_ids, [{}] * len(prompt_ids), plain)
     floor = entry["plain_vllm"]["max_gap_to_reference_best"]
     entry["criterion"] = CRITERION
     entry["within_plain_deviation"] = entry["guided"]["max_gap_per_unit_weight"] <= floor
-    entry["guided_token_ids"] = [o["token_ids"] for o in guided["outputs"]["guided"]]
-    print(json.dumps({f"{label}/tp{tp}": {k: v for k, v in entry.items() if k != "guided_token_ids"}}), flush=True)
+    over = [t for t in divergent if t["gap_per_unit_weight"] > floor]
+    entry["guided_tokens_over_plain_floor"] = component_margins(reference, prompt_ids, guided, over)
+
+
+def explain(out: Path, label: str, tp: int, base: str, arms: dict[str, str]) -> dict[str, Any]:
+    """Scores one pair's raw engine outputs (correct-<label>-tp<N>-*.json, e.g. brought back from
+    the GPU machine) again on this machine's fp32 reference, with the base and ARMs found here:
+    the stats of check_pair plus the parts of each guided token past plain vLLM's floor."""
+    import torch
+
+    from server.adapters import resolve_arms
+    from server.reference import ReferenceGuidedGenerator
+
+    guided = json.loads((out / f"correct-{label}-tp{tp}-guided.json").read_text())
+    plain = json.loads((out / f"correct-{label}-tp{tp}-plain.json").read_text())
+    prompt_ids = guided["job"]["prompt_ids"]
+    weights = guided["job"]["weight_sets"]["guided"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reference = ReferenceGuidedGenerator(base, resolve_arms(base, arms), device=device, dtype=torch.float32)
+    entry: dict[str, Any] = {"engine": {"vllm": guided.get("vllm"), "device": guided.get("device"),
+                                        "model_runner": guided.get("model_runner")}, "reference_device": device}
+    score_against_plain(entry, reference, prompt_ids, weights, guided["outputs"]["guided"], plain["outputs"]["plain"])
+    (out / f"explain-{label}-tp{tp}.json").write_text(json.dumps(entry, indent=1))
+    keys = ("max_gap_per_unit_weight", "max_abs_logprob_error_per_unit_weight", "p99_abs_logprob_error_per_unit_weight")
+    print("| engine | " + " | ".join(keys) + " |\n|---|---|---|---|")
+    for side in ("guided", "plain_vllm"):
+        print(f"| {side} | " + " | ".join(f"{entry[side][k]:.3f}" for k in keys) + " |")
+    for token in entry["guided_tokens_over_plain_floor"]:
+        print(json.dumps(token))
     return entry
 
 
@@ -325,29 +365,60 @@ def correctness(out: Path, smoke: bool, families: list[str], tp: int = 1,
     return summary
 
 
-def teacher_forced_stats(reference: Any, prompt_ids: list, weights: list, outputs: list) -> dict[str, Any]:
+def teacher_forced_stats(reference: Any, prompt_ids: list, weights: list,
+                         outputs: list) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Every generated token through the fp32 reference: how far each choice is from the
-    reference's best, also per unit of total weight (bf16 error scales with 1 + sum of weights)."""
+    reference's best, and each log-prob's error, also per unit of total weight (bf16 error scales
+    with 1 + sum of weights). Also returns the tokens off the reference's argmax."""
     import numpy as np
     import torch
 
-    gaps, scaled, errors, divergences, exact = [], [], [], 0, 0
-    for ids, w, o in zip(prompt_ids, weights, outputs, strict=True):
+    gaps, scaled, errors, unit_errors, divergent, exact = [], [], [], [], [], 0
+    for sequence, (ids, w, o) in enumerate(zip(prompt_ids, weights, outputs, strict=True)):
         fused = reference.teacher_forced(ids, o["token_ids"], w).cpu()
         chosen = torch.tensor(o["token_ids"])
         best = fused.max(dim=-1).values
         got = fused[torch.arange(len(chosen)), chosen]
+        total = 1 + sum(abs(v) for v in w.values())
         gap = (best - got).tolist()
         gaps.extend(gap)
-        scaled.extend(g / (1 + sum(abs(v) for v in w.values())) for g in gap)
-        errors.extend((got - torch.tensor(o["logprobs"])).abs().tolist())
-        divergences += int((fused.argmax(-1) != chosen).sum())
-        exact += int(bool((fused.argmax(-1) == chosen).all()))
-    return dict(
-        tokens=len(gaps), sequences_exact=exact, argmax_divergences=divergences,
+        scaled.extend(g / total for g in gap)
+        error = (got - torch.tensor(o["logprobs"])).abs()
+        errors.extend(error.tolist())
+        unit_errors.extend((error / total).tolist())
+        off = torch.nonzero(fused.argmax(-1) != chosen).flatten().tolist()
+        divergent.extend(dict(sequence=sequence, position=p, weights=w, gap=gap[p], gap_per_unit_weight=gap[p] / total,
+                              reference_best=int(fused[p].argmax()), chosen=o["token_ids"][p],
+                              engine_logprob_error=float(error[p])) for p in off)
+        exact += int(not off)
+    stats = dict(
+        tokens=len(gaps), sequences_exact=exact, argmax_divergences=len(divergent),
         max_gap_to_reference_best=max(gaps), max_gap_per_unit_weight=max(scaled),
         max_abs_logprob_error=max(errors), p99_abs_logprob_error=float(np.percentile(errors, 99)),
+        max_abs_logprob_error_per_unit_weight=max(unit_errors),
+        p99_abs_logprob_error_per_unit_weight=float(np.percentile(unit_errors, 99)),
     )
+    return stats, divergent
+
+
+def component_margins(reference: Any, prompt_ids: list, outputs: list, tokens: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each divergent token: each model's fp32 log-prob margin of the reference's best over the
+    engine's choice. The engine can only flip a token when the models' bf16 errors, weighted as in
+    the fusion, outweigh the fused margin; the parts say whose error it took."""
+    import torch
+
+    explained = []
+    for token in tokens:
+        prefix = list(prompt_ids[token["sequence"]]) + outputs[token["sequence"]]["token_ids"][: token["position"]]
+        base, arms = reference.next_token_logits([prefix])
+
+        def margin(logits: Any) -> float:
+            logprobs = torch.log_softmax(logits[0, : reference.vocab_size].float(), dim=-1)
+            return float(logprobs[token["reference_best"]] - logprobs[token["chosen"]])
+
+        explained.append(token | {"base_margin": margin(base),
+                                  "arm_margins": {d: margin(a) for d, a in zip(reference.dimensions, arms, strict=True)}})
+    return explained
 
 
 def speed(out: Path, pairs: list[str], smoke: bool, only: list[str] | None, runners: list[str]) -> None:
@@ -451,6 +522,7 @@ def report(out: Path, command: str) -> dict[str, Any]:
             ratio = timing["tokens_per_s"] / ideal
             ratios[f"{pair}/bs{size}/{runner}"] = round(ratio, 3)
             rows.append({"runner": guided.get("model_runner") or runner, "baseline_runner": base_run.get("model_runner"),
+                         "async_scheduling": guided.get("async_scheduling"),
                          "pair": pair, "batch": int(size), "guided_tokens_per_s": timing["tokens_per_s"],
                          "base_tokens_per_s": b["tokens_per_s"], "arm_tokens_per_s": a["tokens_per_s"],
                          "ideal_tokens_per_s": ideal, "guided_over_ideal": ratio,
@@ -499,7 +571,7 @@ CRITERION = ("bf16 greedy, every token teacher-forced through the fp32 reference
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("phase", choices=["correctness", "speed", "reference-speed", "report"])
+    parser.add_argument("phase", choices=["correctness", "speed", "reference-speed", "report", "explain"])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "artifacts/engine")))
     parser.add_argument("--pairs", nargs="+", default=["1b+1b", "8b+1b"])
     parser.add_argument("--only", nargs="*", help="speed: run only these job names")
@@ -513,6 +585,7 @@ def main() -> None:
                         help="correctness: a second plain engine, freshly compiled: how far plain vLLM reproduces itself")
     parser.add_argument("--real-base", help="correctness: also a real base (HF folder) ...")
     parser.add_argument("--real-arm", nargs="*", default=[], help="... with these ARMs, NAME=PATH (adapters merged)")
+    parser.add_argument("--label", help="explain: the pair's label in its file names, e.g. real-v2")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -524,6 +597,9 @@ def main() -> None:
         speed(args.out, args.pairs, args.smoke, args.only, args.runners)
     elif args.phase == "reference-speed":
         reference_speed(args.out, args.pairs, args.smoke)
+    elif args.phase == "explain":
+        explain(args.out, args.label, args.tp, args.real_base, dict(a.split("=", 1) for a in args.real_arm))
+        return
     report(args.out, " ".join(["python -m bench.engine_gpu", *sys.argv[1:]]))
 
 

@@ -31,6 +31,11 @@
 # ARM: peft lives in /tmp/site), then the .v33NN calls of bench/stage_newest_vllm.sh (tree slimmed:
 # bench/device_tree.sh), then `bash bench/device_tree.sh restore` here, since correct33 reads the shipped
 # positive ARM, and:      bash bench/multigpu_gpu.sh lanes "speed33" "correct33"
+# vLLM 0.33 alone (third 0.33 stretch: genarm-serve over HTTP, as `make serve` starts it): tree slimmed,
+#   carry .gg0 .v3343: mkdir -p /root/st /root/w33 && cp .gg0/* /root/st/ && cp .v3343/* /root/w33/
+#   carry .gg1, then .gg2: cp .ggN/* /root/st/;  then the .v3300 .. .v3342 calls;
+#   carry .v33z .whl:      bash .v33z/install.sh && python3 -m pip install -q --no-index --no-deps --target /tmp/site33 .whl/gguf-*.whl
+#   restore the tree here; then: GENARM_VLLM_SITE=/tmp/site33 bash bench/multigpu_gpu.sh setup serve33
 # Every call packs $RUN's results into $OUT/multigpu_run.tar.gz and prints the tables.
 set -uo pipefail
 RUN=${GENARM_MULTIGPU_RUN:-/root/mg}
@@ -92,6 +97,7 @@ correct33() {
     --real-arm positive=server/default_arms/positive --out "$RUN/engine33"
 }
 speed33() { PYTHONPATH=/tmp/site33 python3 -m bench.engine_gpu speed --pairs 8b+1b --runners v2 --out "$RUN/engine33"; }
+serve33() { PYTHONPATH=/tmp/site33 python3 -m bench.serve_smoke --out "$RUN/serve33" --timeout 200; }  # `make serve`'s server
 correct16tp2() { python3 -m bench.engine_gpu correctness --runner v2 --tp 2 --families qwen2 --out "$RUN/engine16"; }
 correct1() {
   python3 -m bench.engine_gpu correctness --tp 1 --families qwen2 --real-base "$SMOL" \
@@ -117,7 +123,7 @@ run_phase() {  # $1: a phase; runs under what is left of this call's budget, lea
   fi
 }
 export -f setup throughput ddp train speed16 correct16 correct16z correct1z zero16 correct16tp2 correct1 correct2 tp dp \
-  correct33 speed33
+  correct33 speed33 serve33
 export RUN SMOL GGUF
 
 if [ "${1:-}" = "lanes" ]; then  # two single-GPU lanes side by side
@@ -136,6 +142,7 @@ if [ -n "${OUT:-}" ]; then
     --exclude='checkpoint-*' --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' .
 fi
 cat "$RUN"/train/*.md "$RUN/engine/multigpu.md" "$RUN"/engine{16,33}/report.txt 2>/dev/null
+grep -hE "^(PASS|FAIL|genarm-serve, vLLM)" "$RUN/serve33.log" 2>/dev/null
 python3 - "$RUN"/engine{16,33}*/correctness.json <<'EOF' 2>/dev/null
 import json, os, sys
 for key, e in [kv for f in sys.argv[1:] if os.path.exists(f) for kv in json.load(open(f)).items()]:

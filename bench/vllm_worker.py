@@ -123,7 +123,7 @@ def main(job_path: str, result_path: str) -> None:
                         "tokens_per_s": tokens / wall if wall > 0 else None})
         print(f"[vllm_worker] {task['name']}: {tokens} tokens in {wall:.1f} s", flush=True)
     Path(result_path).write_text(json.dumps({"startup_s": startup, "warmup_prefill_s": warmup, "model_runner": runner,
-                                             **machine(), "tasks": results}))
+                                             "async_scheduling": async_scheduling(llm), **machine(), "tasks": results}))
 
 
 def model_runner(llm: Any) -> str:
@@ -131,6 +131,11 @@ def model_runner(llm: Any) -> str:
     decides it from the same environment as the engine's processes."""
     config = llm.llm_engine.vllm_config
     return "v2" if getattr(config, "use_v2_model_runner", False) else "v1"
+
+
+def async_scheduling(llm: Any) -> bool:
+    """Whether vLLM scheduled asynchronously (it decides at start-up; None never survives it)."""
+    return bool(llm.llm_engine.vllm_config.scheduler_config.async_scheduling)
 
 
 def machine() -> dict[str, str]:
