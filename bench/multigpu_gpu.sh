@@ -27,10 +27,11 @@
 #                         bash bench/multigpu_gpu.sh lanes "correct16z" "zero16"
 #   (the 12 staging calls took ~2 minutes; every result stretch by stretch: bench/results/multigpu_gpu.md)
 #   (earlier, issue 17 alone: train correct1 correct2 tp dp)
-# Issue 16 on the newest vLLM (not yet run): the calls above up to `setup` (vLLM 0.26 merges the real
-# ARM: peft lives in /tmp/site), then the .v33NN calls of bench/stage_newest_vllm.sh (tree slimmed:
-# bench/device_tree.sh), then `bash bench/device_tree.sh restore` here, since correct33 reads the shipped
-# positive ARM, and:      bash bench/multigpu_gpu.sh lanes "speed33" "correct33"
+# Issue 16 on the newest vLLM (run 2026-11-30 on one H200, 2 calls of ~550 s): the calls above up to
+# `setup` (vLLM 0.26 merges the real ARM: peft lives in /tmp/site; .gpu-data not needed), then the .v33NN
+# calls of bench/stage_newest_vllm.sh (tree slimmed: bench/device_tree.sh), then `bash
+# bench/device_tree.sh restore` here, since correct33 reads the shipped positive ARM, and:
+#                         bash bench/multigpu_gpu.sh speed33 correct33   (lanes "speed33" "correct33" on x2)
 # vLLM 0.33 alone (third 0.33 stretch: genarm-serve over HTTP, as `make serve` starts it): tree slimmed,
 #   carry .gg0 .v3343: mkdir -p /root/st /root/w33 && cp .gg0/* /root/st/ && cp .v3343/* /root/w33/
 #   carry .gg1, then .gg2: cp .ggN/* /root/st/;  then the .v3300 .. .v3342 calls;
