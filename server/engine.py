@@ -15,7 +15,7 @@ from transformers import AutoConfig
 
 from genarm_common.errors import SetupError
 from genarm_common.model_checks import FusionSetup, check_fusion_setup
-from server.cpu_defaults import apply_cpu_defaults
+from server.cpu_defaults import apply_cpu_defaults, seeded_sampling_refusal
 from server.fusion import WeightError
 from server.guidance import GuidanceSpec
 
@@ -109,7 +109,8 @@ def guided_engine_args(
                 f"max_model_len {asked} exceeds the {limit} positions the smallest model supports"
             )
         args.setdefault("max_model_len", limit)
-    apply_cpu_defaults(args, [setup.base.path, *(f.path for f in setup.arms.values())], cpu_free_memory_bytes())
+    free_cpu_bytes = cpu_free_memory_bytes()
+    apply_cpu_defaults(args, [setup.base.path, *(f.path for f in setup.arms.values())], free_cpu_bytes)
     apply_tensor_parallel_defaults(args)
     spec = model.guidance()
     spec.arm_paths = [str(f.path.resolve()) for f in setup.arms.values()]
@@ -124,7 +125,8 @@ def guided_engine_args(
         hf_overrides=overrides,
     )
     # On V1, a processor class bound to this spec (requests are checked against this engine's own).
-    processors = [*(args.get("logits_processors") or []), *weights_processors(spec, runner)]
+    refusal = seeded_sampling_refusal(args, free_cpu_bytes)
+    processors = [*(args.get("logits_processors") or []), *weights_processors(spec, runner, refusal)]
     if processors:
         args["logits_processors"] = processors
     if model.served_model_name:

@@ -12,9 +12,11 @@ from server.cpu_defaults import (
     GIB,
     MAX_AUTO_BYTES,
     RUNTIME_OVERHEAD_BYTES,
+    SEEDED_REFUSAL,
     apply_cpu_defaults,
     choose_kv_cache_bytes,
     kv_bytes_per_token,
+    seeded_sampling_refusal,
 )
 from server.vllm_glue.cpu_memory import cpu_free_memory_bytes
 
@@ -64,10 +66,13 @@ def test_applied_only_where_the_user_chose_nothing(tiny_family: dict[str, Path],
     apply_cpu_defaults(chosen, folders, free)
     assert chosen == {"max_model_len": 256, "kv_cache_memory_bytes": 1 << 26, "enforce_eager": False,
                       "enable_chunked_prefill": True}
-    assert "a seeded request whose prompt is split crashes" in capsys.readouterr().err
+    assert "seeded sampling requests get HTTP 400" in capsys.readouterr().err
+    assert seeded_sampling_refusal(chosen, free) == SEEDED_REFUSAL
     budget: dict = {"max_model_len": 256, "max_num_batched_tokens": 64}
     apply_cpu_defaults(budget, folders, free)
     assert "enable_chunked_prefill" not in budget  # a step budget below the longest prompt needs chunking
+    assert seeded_sampling_refusal(budget, free) == SEEDED_REFUSAL  # vLLM chunks by default
+    assert seeded_sampling_refusal(args, free) is None
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
     by_env: dict = {"max_model_len": 256}
     apply_cpu_defaults(by_env, folders, free)
@@ -75,6 +80,7 @@ def test_applied_only_where_the_user_chose_nothing(tiny_family: dict[str, Path],
     on_a_gpu: dict = {"max_model_len": 256}
     apply_cpu_defaults(on_a_gpu, folders, None)
     assert on_a_gpu == {"max_model_len": 256}
+    assert seeded_sampling_refusal(on_a_gpu, None) is None
     assert "kv_cache_memory_bytes" not in by_env
 
 
@@ -98,3 +104,27 @@ def test_seeded_requests_never_crash_the_default_cpu_engine(tiny_family: dict[st
                              extra_args=weights_extra_args(config, {"harmless": 1.0})) for i in range(40)]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [4] * 40
+
+
+def test_chunked_prefill_chosen_on_cpu_refuses_seeded_sampling_and_keeps_serving(tiny_family: dict[str, Path]) -> None:
+    """Where the user turns chunked prefill on, a seeded sampling request whose prompt a step splits
+    would kill the engine (above); it is refused at admission instead, and the engine serves on."""
+    import numpy as np
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError  # what the API server answers with HTTP 400
+    from vllm.inputs import TokensPrompt
+
+    from server.engine import GuidedModelConfig, guided_llm, weights_extra_args
+
+    config = GuidedModelConfig(base=str(tiny_family["llama-base"]), arms={"harmless": str(tiny_family["llama-arm-narrow"])})
+    llm = guided_llm(config, dtype="float32", max_model_len=512, max_num_seqs=8, enable_chunked_prefill=True,
+                     max_num_batched_tokens=64)
+    assert llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill is True
+    prompt = TokensPrompt(prompt_token_ids=np.random.default_rng(0).integers(5, 200, size=200).tolist())
+    weights = weights_extra_args(config, {"harmless": 1.0})
+    with pytest.raises(VLLMValidationError, match="seed with temperature > 0 is not supported by this CPU engine"):
+        llm.generate([prompt], [SamplingParams(temperature=1.0, seed=7, max_tokens=4, extra_args=weights)], use_tqdm=False)
+    served = [SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True, extra_args=weights),  # unseeded
+              SamplingParams(temperature=0.0, seed=7, max_tokens=4, ignore_eos=True, extra_args=weights)]  # greedy
+    outputs = llm.generate([prompt, prompt], served, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [4, 4]

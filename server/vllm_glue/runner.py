@@ -80,11 +80,13 @@ def prepare_environment() -> Runner:
     return runner
 
 
-def weights_processors(spec: GuidanceSpec, runner: Runner) -> list[type]:
+def weights_processors(spec: GuidanceSpec, runner: Runner, seeded_refusal: str | None = None) -> list[type]:
     """The logits processors the guided engine adds for `runner`: on V1, the one that carries the
-    weights and checks them at admission; on MRv2 none (the HTTP layer checks, see http_api)."""
+    weights and checks them at admission (and refuses seeded sampling with `seeded_refusal` where
+    that is set: only the CPU build needs it, and it runs V1); on MRv2 none (the HTTP layer checks,
+    see http_api)."""
     if runner == "v2":
         return []
     from server.vllm_glue.weights import weights_processor
 
-    return [weights_processor(spec)]
+    return [weights_processor(spec, seeded_refusal)]

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from vllm.sampling_params import SamplingType
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from server.fusion import WeightError, validate_weight_value
@@ -141,11 +142,14 @@ class GenARMWeights(LogitsProcessor):
     """Keeps row b's guidance weights for request b of the persistent batch."""
 
     admission_spec: GuidanceSpec | None = None  # set on the classes weights_processor() binds
+    seeded_refusal: str | None = None  # ditto: why seeded sampling is refused (server.cpu_defaults)
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         if getattr(sampling_params, "prompt_logprobs", None) is not None:
             raise ValueError(PROMPT_LOGPROBS_UNSUPPORTED)
+        if cls.seeded_refusal and sampling_params.sampling_type == SamplingType.RANDOM_SEED:
+            raise ValueError(cls.seeded_refusal)
         extra_args = getattr(sampling_params, "extra_args", None)
         if cls.admission_spec is not None:  # raises WeightError (a ValueError): HTTP 400
             cls.admission_spec.row_from_extra_args(extra_args)
@@ -197,18 +201,19 @@ class _BoundToSpec(ABCMeta):
 
 
 @functools.cache
-def _bound_class(spec_json: str) -> type[GenARMWeights]:
+def _bound_class(spec_json: str, seeded_refusal: str | None = None) -> type[GenARMWeights]:
     spec = GuidanceSpec.from_dict(json.loads(spec_json))
-    return _BoundToSpec("BoundGenARMWeights", (GenARMWeights,), {"admission_spec": spec, "__module__": __name__})
+    return _BoundToSpec("BoundGenARMWeights", (GenARMWeights,),
+                        {"admission_spec": spec, "seeded_refusal": seeded_refusal, "__module__": __name__})
 
 
-def weights_processor(spec: GuidanceSpec) -> type[GenARMWeights]:
+def weights_processor(spec: GuidanceSpec, seeded_refusal: str | None = None) -> type[GenARMWeights]:
     """The processor class for an engine serving `spec` (the entry of its `logits_processors`)."""
-    return _bound_class(spec.to_json())
+    return _bound_class(spec.to_json(), seeded_refusal)
 
 
-def _pickle_by_spec(cls: _BoundToSpec) -> tuple[Any, tuple[str]]:
-    return _bound_class, (cls.admission_spec.to_json(),)
+def _pickle_by_spec(cls: _BoundToSpec) -> tuple[Any, tuple[str, str | None]]:
+    return _bound_class, (cls.admission_spec.to_json(), cls.seeded_refusal)
 
 
 # vLLM hands its config, processor classes included, to its other processes by pickling; a class
