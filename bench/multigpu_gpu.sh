@@ -32,7 +32,8 @@
 # calls of bench/stage_newest_vllm.sh (tree slimmed: bench/device_tree.sh), then `bash
 # bench/device_tree.sh restore` here, since correct33 reads the shipped positive ARM, and:
 #                         bash bench/multigpu_gpu.sh speed33 correct33   (lanes "speed33" "correct33" on x2)
-# vLLM 0.33 alone (third 0.33 stretch: genarm-serve over HTTP, as `make serve` starts it): tree slimmed,
+# vLLM 0.33 alone (genarm-serve over HTTP as `make serve` starts it; run 2026-11-30 with 183 s left, cut during
+# the server's first start: give serve33 ~300 s on a fresh machine). Tree slimmed,
 #   carry .gg0 .v3343: mkdir -p /root/st /root/w33 && cp .gg0/* /root/st/ && cp .v3343/* /root/w33/
 #   carry .gg1, then .gg2: cp .ggN/* /root/st/;  then the .v3300 .. .v3342 calls;
 #   carry .v33z .whl:      bash .v33z/install.sh && python3 -m pip install -q --no-index --no-deps --target /tmp/site33 .whl/gguf-*.whl
