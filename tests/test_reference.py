@@ -155,3 +155,43 @@ def test_every_start_up_problem_gets_its_own_line(tiny_family: dict[str, Path], 
         check_fusion_setup(tiny_family["llama-base"], {"a": tmp_path / "missing-a", "b": tmp_path / "missing-b"})
     lines = str(err.value).splitlines()
     assert len(lines) == 2 and "'a'" in lines[0] and "'b'" in lines[1]
+
+
+SCORING_WEIGHTS = [{"harmless": 0.5}, {"harmless": 1.0, "helpful": 2.0}, {}, {"helpful": 0.5}]
+
+
+def test_gpu_bench_scoring_finds_a_flipped_token_and_its_parts_add_up_to_its_gap(llama: ReferenceGuidedGenerator) -> None:
+    """bench/engine_gpu.py scores GPU engines' tokens against this reference: what it reports about a
+    token must be what the reference says, and a flipped token's parts must add up to its gap."""
+    from bench.engine_gpu import component_margins, teacher_forced_stats
+
+    prompts = [llama.encode(p) for p in PROMPTS]
+    generated = llama.generate(prompts, SCORING_WEIGHTS, SamplingOptions(max_tokens=10, ignore_eos=True))
+    outputs = [{"token_ids": g.token_ids, "logprobs": g.logprobs} for g in generated]
+    stats, divergent = teacher_forced_stats(llama, prompts, SCORING_WEIGHTS, outputs)
+    assert divergent == [] and stats["sequences_exact"] == len(prompts)
+    assert stats["max_gap_to_reference_best"] == 0.0 and stats["max_abs_logprob_error"] < 1e-4
+
+    # An engine that took the reference's second choice at the last token of sequence 1 (the last,
+    # so no later token sees another context).
+    sequence, weights = 1, SCORING_WEIGHTS[1]
+    tokens = outputs[sequence]["token_ids"]
+    fused = llama.teacher_forced(prompts[sequence], tokens, weights)
+    position = len(tokens) - 1
+    second = int(fused[position].topk(2).indices[1])
+    gap = float(fused[position].max() - fused[position, second])
+    flipped = [dict(o) for o in outputs]
+    flipped[sequence] = {"token_ids": tokens[:-1] + [second],
+                         "logprobs": outputs[sequence]["logprobs"][:-1] + [float(fused[position, second]) + 0.25]}
+    stats, divergent = teacher_forced_stats(llama, prompts, SCORING_WEIGHTS, flipped)
+    assert [(t["sequence"], t["position"], t["chosen"]) for t in divergent] == [(sequence, position, second)]
+    total = 1 + sum(abs(w) for w in weights.values())
+    assert stats["max_gap_per_unit_weight"] == pytest.approx(gap / total, abs=1e-5)
+    assert stats["max_abs_logprob_error"] == pytest.approx(0.25, abs=1e-4)
+    assert stats["max_abs_logprob_error_per_unit_weight"] == pytest.approx(0.25 / total, abs=1e-4)
+
+    [parts] = component_margins(llama, prompts, flipped, divergent)
+    # The fusion's normalisers cancel in a difference of two tokens' fused log-probs.
+    recombined = parts["base_margin"] + sum(w * parts["arm_margins"][d] for d, w in weights.items())
+    assert recombined == pytest.approx(gap, abs=1e-4)
+    assert torch.isfinite(torch.tensor([parts["base_margin"], *parts["arm_margins"].values()])).all()
